@@ -1,0 +1,254 @@
+"""Runs one stage against the store: key first, cache check, build in a temporary directory, commit.
+
+A stage is declared once, in its own module, as a :class:`Stage`: a name, a frozen config dataclass,
+the roles of its input artifacts, and a plain ``build(cfg, inputs, ctx) -> metrics`` function. Every
+caller (the CLI, the Prefect flow, a test, torchrun) goes through :func:`run_stage`, so keys, locking,
+manifests and logs behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .store import Artifact, ArtifactStore, StoreError, compute_key, sha256_file, utc_now
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("stages",)  # a stage's digest covers the modules it imports from these packages
+EXTERNAL_HASH_LIMIT = 512 << 20  # hash external inputs up to 512 MiB in total; larger: size + mtime
+
+log = logging.getLogger("golf")
+
+
+@dataclass
+class StageContext:
+    """What a running stage may touch: its output directory, its resumable scratch, its key."""
+
+    key: str
+    dir: Path           # the artifact's files go here (a temporary directory until commit)
+    work: Path          # survives a crash of this key's build; deleted after commit
+    manifest_extra: dict = field(default_factory=dict)  # extra manifest fields (e.g. "resumed")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type                     # a frozen dataclass
+    inputs: tuple[str, ...]          # roles of input artifacts (each the name of an upstream stage)
+    build: Callable[[Any, Mapping[str, Artifact], StageContext], dict]
+    module: str                      # the module that defines it: the root of its code digest
+    external: Callable[[Any], Mapping[str, Path]] | None = None  # files outside the store it reads
+
+    def headline(self, metrics: dict) -> str:
+        return headline_metric(self.name, metrics)
+
+
+HEADLINES = {
+    "tokenize": ("val_tokens", "train_tokens"),
+    "train": ("final_train_loss", "steps"),
+    "average": ("heldout_loss",),
+    "quantize": ("artifact_bytes",),
+    "eval": ("val_bpb",),
+    "compliance": ("verdict",),
+}
+
+
+def headline_metric(stage: str, metrics: dict) -> str:
+    parts = []
+    for name in HEADLINES.get(stage, ()):
+        if name in metrics:
+            v = metrics[name]
+            parts.append(f"{name}={v:.4f}" if isinstance(v, float) else f"{name}={v}")
+    return " ".join(parts)
+
+
+# --- code digest ------------------------------------------------------------------------------
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+    return found
+
+
+def code_files(module: str) -> dict[str, Path]:
+    """The stage module and every module of the project's code packages it imports, transitively."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] not in CODE_PACKAGES:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen[name] = path
+        todo.extend(_imports(path, name))
+        if "." in name:  # a package's __init__ runs whenever one of its modules is imported
+            todo.append(name.rpartition(".")[0])
+    return dict(sorted(seen.items()))
+
+
+def code_digest(module: str) -> tuple[str, dict[str, str]]:
+    files = code_files(module)
+    per_file = {name: sha256_file(path)[:16] for name, path in files.items()}
+    digest = hashlib.sha256("".join(f"{n}:{d};" for n, d in per_file.items()).encode()).hexdigest()
+    return digest[:20], per_file
+
+
+def fingerprint_external(paths: Mapping[str, Path]) -> dict[str, str]:
+    """Content hashes of a stage's files outside the store (size + mtime above the hash limit)."""
+    out = {}
+    for role, p in sorted(paths.items()):
+        p = Path(p)
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        if not files or not all(f.exists() for f in files):
+            raise StoreError(f"{role}: input {p} does not exist")
+        total = sum(f.stat().st_size for f in files)
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            if total <= EXTERNAL_HASH_LIMIT:
+                h.update(sha256_file(f).encode())
+            else:
+                st = f.stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        out[role] = h.hexdigest()[:20]
+    return out
+
+
+# --- environment ------------------------------------------------------------------------------
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty if commit else None}
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "host": socket.gethostname(), "cpu_count": os.cpu_count(),
+           "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    try:
+        import torch
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["gpu_count"] = torch.cuda.device_count()
+            env["gpu_name"] = torch.cuda.get_device_name(0)
+        else:
+            env["gpu_count"] = 0
+            env["gpu_name"] = None
+    except ImportError:
+        pass
+    return env
+
+
+# --- running ------------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    artifact: Artifact
+    cached: bool
+    seconds: float  # wall time of this call (near zero for a cache hit)
+
+    def summary(self) -> dict:
+        """The small dict that tasks return: never tensors."""
+        return {"stage": self.artifact.stage, "key": self.artifact.key, "cached": self.cached,
+                "seconds": round(self.seconds, 3), "metrics": self.artifact.metrics,
+                "path": str(self.artifact.path)}
+
+
+def config_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def plan_key(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact]) -> tuple[str, dict]:
+    """The key and the identity fields of the manifest, before anything runs."""
+    missing = set(stage.inputs) - set(inputs)
+    if missing:
+        raise StoreError(f"stage {stage.name} needs input artifacts: {', '.join(sorted(missing))}")
+    digest, per_file = code_digest(stage.module)
+    external = fingerprint_external(stage.external(cfg)) if stage.external else {}
+    input_keys = {role: inputs[role].key for role in stage.inputs}
+    key = compute_key(stage.name, config_dict(cfg), digest, input_keys, external)
+    identity = {"stage": stage.name, "config": config_dict(cfg), "code_digest": digest,
+                "code_files": per_file, "inputs": input_keys, "external_inputs": external}
+    return key, identity
+
+
+def run_stage(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact], store: ArtifactStore,
+              force: bool = False) -> StageResult:
+    """Return the stage's artifact: from the store when its key exists, else built and committed."""
+    t0 = time.perf_counter()
+    key, identity = plan_key(stage, cfg, inputs)
+    if not force and store.exists(key):
+        return StageResult(store.get(key), True, time.perf_counter() - t0)
+    with store.lock(key):
+        if force:
+            store.remove(key)
+        elif store.exists(key):  # another process built it while we waited for the lock
+            return StageResult(store.get(key), True, time.perf_counter() - t0)
+        pending = store.begin(key)
+        ctx = StageContext(key=key, dir=pending.path, work=store.work_dir(key))
+        handler = logging.FileHandler(pending.path / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        started, t_build = utc_now(), time.perf_counter()
+        log.info("stage %s: building %s", stage.name, key)
+        try:
+            metrics = stage.build(cfg, inputs, ctx) or {}
+        except BaseException:
+            log.removeHandler(handler)
+            handler.close()
+            store.abort(pending)  # nothing half-written stays behind; work/ keeps resumable state
+            raise
+        duration = time.perf_counter() - t_build
+        log.info("stage %s: done in %.1f s", stage.name, duration)
+        log.removeHandler(handler)
+        handler.close()
+        manifest = {
+            **identity, "git": git_state(), "metrics": metrics, "environment": environment(),
+            "started_at": started, "finished_at": utc_now(), "duration_s": round(duration, 3),
+            "argv": sys.argv, **ctx.manifest_extra,
+        }
+        artifact = store.commit(pending, manifest)
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    return StageResult(artifact, False, time.perf_counter() - t0)

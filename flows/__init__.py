@@ -1,0 +1,1 @@
+"""Prefect flows that wire the stages; all caching decisions come from the artifact store."""

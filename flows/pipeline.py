@@ -1,0 +1,74 @@
+"""The Prefect flow: one task per stage, wired like ``golf.pipeline.STAGES``.
+
+A task is a cache hit exactly when its artifact key is complete in the store (the store is the
+source of truth, not Prefect's database); tasks return small manifests, never tensors, and publish a
+table artifact with the stage's key, files and metrics for the Prefect UI.
+
+    python -m flows.pipeline --preset tiny            (or: golf run)
+"""
+
+from __future__ import annotations
+
+from golf.prefect_env import configure_prefect
+
+configure_prefect()
+
+from prefect import flow, task  # noqa: E402  (the environment must be set before prefect is imported)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from artifacts import ArtifactStore, run_stage  # noqa: E402
+from golf.config import PipelineConfig, config_from_dict  # noqa: E402
+from golf.pipeline import STAGE_BY_NAME, STAGES, check_stage_names  # noqa: E402
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
+
+
+@task(cache_policy=NO_CACHE, task_run_name="{stage_name}")
+def stage_task(stage_name: str, config: dict, input_keys: dict[str, str], store_root: str,
+               force: bool = False) -> dict:
+    """Build (or fetch from the store) one stage's artifact and return its manifest summary."""
+    stage = STAGE_BY_NAME[stage_name]
+    store = ArtifactStore(store_root)
+    inputs = {role: store.get(key) for role, key in input_keys.items()}
+    res = run_stage(stage, config_from_dict(stage.config, config), inputs, store, force=force)
+    summary = res.summary()
+    rows = [{"field": "key", "value": res.artifact.key},
+            {"field": "status", "value": "cached" if res.cached else "built"},
+            {"field": "seconds", "value": f"{res.artifact.manifest.get('duration_s', 0):.1f}"},
+            {"field": "bytes on disk", "value": f"{res.artifact.total_bytes:,}"}]
+    rows += [{"field": k, "value": str(v)} for k, v in res.artifact.metrics.items() if not isinstance(v, (dict, list))]
+    create_table_artifact(key=_slug(f"golf-{stage_name}"), table=rows,
+                          description=f"{stage_name} artifact {res.artifact.key}")
+    if stage_name == "compliance":
+        report = res.artifact.file("report.md").read_text()
+        create_markdown_artifact(key="golf-compliance-report", markdown=report,
+                                 description=f"compliance {res.artifact.metrics.get('verdict')}")
+    return summary
+
+
+@flow(name="golf-pipeline", log_prints=True)
+def pipeline_flow(config: dict, store_root: str, force: list[str] | None = None,
+                  until: str | None = None) -> list[dict]:
+    """The whole pipeline on one config: tokenize, train, average, quantize, eval, compliance."""
+    config_from_dict(PipelineConfig, config)  # refuse unknown keys before anything runs
+    forced = set(check_stage_names(force or []))
+    keys: dict[str, str] = {}
+    summaries = []
+    for stage in STAGES:
+        summary = stage_task(stage.name, config[stage.name], {r: keys[r] for r in stage.inputs}, store_root,
+                             stage.name in forced)
+        keys[stage.name] = summary["key"]
+        summaries.append(summary)
+        print(f"{stage.name:<10} {'cached' if summary['cached'] else 'built ':<6} {summary['key']}")
+        if stage.name == until:
+            break
+    return summaries
+
+
+if __name__ == "__main__":
+    import sys
+    from golf.cli import main
+    sys.exit(main(["run", *sys.argv[1:]]))

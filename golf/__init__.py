@@ -1,0 +1,1 @@
+"""golf: the Parameter Golf pipeline's configuration, DAG, command line and bundled data."""

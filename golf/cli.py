@@ -1,0 +1,197 @@
+"""The ``golf`` command.
+
+    golf run [--preset tiny] [--set stage.field=value ...] [--force STAGE ...] [--no-prefect]
+    golf config [--preset NAME] [--set ...]          the resolved config, one line per field
+    golf artifacts ls | show KEY | verify KEY | path KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+EXIT_USER_ERROR = 2      # bad flag, preset, key or value; missing or corrupt artifact
+EXIT_COMPLIANCE_FAIL = 3  # the pipeline ran but the compliance stage says FAIL
+
+
+def _store(args):
+    from artifacts import ArtifactStore
+    return ArtifactStore(args.store)
+
+
+def _config(args):
+    from .config import apply_overrides, preset
+    return apply_overrides(preset(args.preset), args.set or [])
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def print_summary(summaries: list[dict], wall: float) -> None:
+    from artifacts.runner import headline_metric
+    print()
+    print(f"{'stage':<11}{'key':<32}{'status':<8}{'seconds':>9}  metric")
+    for s in summaries:
+        seconds = 0.0 if s["cached"] else s["seconds"]
+        print(f"{s['stage']:<11}{s['key']:<32}{'cached' if s['cached'] else 'ran':<8}{seconds:>9.1f}  "
+              f"{headline_metric(s['stage'], s['metrics'])}")
+    by = {s["stage"]: s["metrics"] for s in summaries}
+    print()
+    if "eval" in by:
+        e = by["eval"]
+        pre = f" (pre-quantization {e['pre_quant_val_bpb']:.4f}, gap {e['quant_gap_bpb']:+.4f})" if "pre_quant_val_bpb" in e else ""
+        print(f"val_bpb        {e['val_bpb']:.4f}{pre}  over {e['val_tokens']:,} tokens")
+    if "quantize" in by:
+        q = by["quantize"]
+        print(f"artifact bytes {q['artifact_bytes']:,} = weights {q['weights_bytes']:,} + code {q['code_bytes']:,} "
+              f"(cap {q['cap_bytes']:,})")
+    if "compliance" in by:
+        c = by["compliance"]
+        print(f"compliance     {c['verdict']}" + (f" (failed: {', '.join(c['failed'])})" if c["failed"] else ""))
+    print(f"wall time      {wall:.1f} s")
+
+
+def cmd_run(args) -> int:
+    from .pipeline import check_stage_names, preflight
+    cfg = _config(args)
+    force = check_stage_names(args.force or [])
+    preflight(cfg)
+    store = _store(args)
+    t0 = time.perf_counter()
+    if args.no_prefect:
+        from .pipeline import run_pipeline
+
+        def show(res):
+            print(f"{res.artifact.stage:<10} {'cached' if res.cached else 'built':<6} {res.artifact.key}", flush=True)
+        summaries = [r.summary() for r in run_pipeline(cfg, store, force, args.until, show)]
+    else:
+        from flows.pipeline import pipeline_flow
+        summaries = pipeline_flow(config=dataclasses.asdict(cfg), store_root=str(store.root), force=force,
+                                  until=args.until)
+    print_summary(summaries, time.perf_counter() - t0)
+    verdict = next((s["metrics"].get("verdict") for s in summaries if s["stage"] == "compliance"), None)
+    return EXIT_COMPLIANCE_FAIL if verdict == "FAIL" else 0
+
+
+def cmd_config(args) -> int:
+    from .config import flatten
+    for k, v in flatten(_config(args)).items():
+        print(f"{k} = {v!r}")
+    return 0
+
+
+def cmd_artifacts(args) -> int:
+    from artifacts.runner import headline_metric
+    store = _store(args)
+    if args.action == "ls":
+        arts = store.list()
+        if not arts:
+            print(f"no artifacts in {store.root}")
+            return 0
+        print(f"{'stage':<11}{'key':<32}{'created':<21}{'status':<10}{'size':>12}  metric")
+        for a in arts:
+            status = "ok"
+            print(f"{a.stage:<11}{a.key:<32}{a.manifest.get('finished_at', '')[:19]:<21}{status:<10}"
+                  f"{a.total_bytes:>12,}  {headline_metric(a.stage, a.metrics)}")
+        for p in store.incomplete():
+            print(f"{'?':<11}{p.name[:31]:<32}{'':<21}{'incomplete':<10}{'':>12}  (not an artifact)")
+        return 0
+    if not args.key:
+        raise SystemExit(f"golf artifacts {args.action}: give an artifact key (see golf artifacts ls)")
+    key = store.resolve(args.key)
+    if args.action == "path":
+        print(store.path_of(key))
+    elif args.action == "show":
+        art = store.get(key)
+        m = dict(art.manifest)
+        print(json.dumps(m, indent=2))
+        print("\nlineage:")
+        for depth, role, k in store.lineage(key):
+            print(f"{'  ' * depth}{role}: {k}")
+    elif args.action == "verify":
+        problems = store.verify(key)
+        if problems:
+            print(f"{key}: CORRUPT")
+            for p in problems:
+                print(f"  {p}")
+            return 1
+        n = len(store.get(key).manifest["files"])
+        print(f"{key}: ok ({n} files re-hashed)")
+    return 0
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Our stages' messages on stderr; other libraries (httpx, prefect) only when they warn."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    golf_log = logging.getLogger("golf")
+    golf_log.handlers[:] = [handler]
+    golf_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    golf_log.propagate = False
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from artifacts.store import DEFAULT_ROOT, ENV_ROOT
+    p = argparse.ArgumentParser(prog="golf", description="The Parameter Golf pipeline.")
+    p.add_argument("--store", default=None,
+                   help=f"artifact store root (default: ${ENV_ROOT} or ./{DEFAULT_ROOT})")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def config_args(sp):
+        sp.add_argument("--preset", default="tiny", help="config preset (tiny, baseline)")
+        sp.add_argument("--set", action="append", metavar="STAGE.FIELD=VALUE",
+                        help="override one config field; repeatable")
+
+    r = sub.add_parser("run", help="run the pipeline end to end (stages cached in the store)")
+    config_args(r)
+    r.add_argument("--force", action="append", metavar="STAGE", help="rebuild this stage even if cached ('all')")
+    r.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    r.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("config", help="print the resolved config")
+    config_args(c)
+    c.set_defaults(fn=cmd_config)
+    a = sub.add_parser("artifacts", help="list and inspect artifacts")
+    a.add_argument("action", choices=["ls", "show", "verify", "path"])
+    a.add_argument("key", nargs="?", help="artifact key or unique prefix")
+    a.set_defaults(fn=cmd_artifacts)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from artifacts import StoreError
+    from .config import ConfigError
+    from stages.tokenize import DataError
+    from stages.shards import ShardError
+    try:
+        if args.store is None:
+            from artifacts.store import default_root
+            args.store = str(default_root())
+        return args.fn(args)
+    except (ConfigError, StoreError, DataError, ShardError, FileNotFoundError) as e:
+        print(f"golf: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (RuntimeError, ValueError) as e:  # a stage failed: the message names the cause
+        if args.verbose:
+            raise
+        print(f"golf: error: {type(e).__name__}: {e} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("golf: interrupted (complete artifacts are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

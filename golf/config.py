@@ -1,0 +1,158 @@
+"""The pipeline's typed configuration: one frozen dataclass per stage, presets, and ``--set`` overrides.
+
+    golf run --preset tiny --set quantize.bits=6 --set train.model.num_layers=6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from stages.average import AverageConfig
+from stages.compliance import ComplianceConfig
+from stages.evaluate import EvalConfig
+from stages.model import ModelConfig
+from stages.quantize import QuantizeConfig
+from stages.tokenize import TokenizeConfig
+from stages.train import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A preset, key or value the user gave that does not fit the config."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    average: AverageConfig = field(default_factory=AverageConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
+
+
+# --- presets -------------------------------------------------------------------------------------
+def tiny() -> PipelineConfig:
+    """The embedded default: the bundled FineWeb sample, a ~1M-parameter GPT, about a minute on 2 CPU cores."""
+    model = ModelConfig(vocab_size=0, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2.0)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(source="embedded", tokenizer="embedded", val_docs=60),
+        train=TrainConfig(model=model, max_seconds=60.0, seq_len=256, batch_tokens=8192,
+                          micro_batch_tokens=8192, matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04,
+                          muon_momentum_warmup_steps=50, warmup_steps=5, warmdown_frac=0.3, ema_decay=0.98,
+                          swa_every=5, resume_every_s=20.0, log_every=5),
+        average=AverageConfig(method="best", heldout_tokens=16384),
+        quantize=QuantizeConfig(keep_float_max_numel=1024),  # the tiny model's matrices are 16K elements
+        eval=EvalConfig(seq_len=256, stride=0, batch_seqs=64),
+    )
+
+
+def baseline() -> PipelineConfig:
+    """The official baseline's model and schedule (9L x 512, sp1024, seq 1024, 524,288 tokens/step)."""
+    return PipelineConfig(
+        train=TrainConfig(model=ModelConfig(vocab_size=0), max_seconds=600.0, seq_len=1024,
+                          batch_tokens=524_288, micro_batch_tokens=65_536, warmdown_frac=0.2,
+                          swa_every=50, nproc=1),
+        eval=EvalConfig(seq_len=1024, stride=0),
+    )
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "baseline": baseline}
+DEFAULT_PRESET = "tiny"
+
+
+def preset(name: str) -> PipelineConfig:
+    if name not in PRESETS:
+        hint = difflib.get_close_matches(name, PRESETS, n=1)
+        raise ConfigError(f"unknown preset {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --- overrides -------------------------------------------------------------------------------------
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_value(text: str, kind: Any, key: str) -> Any:
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text.replace("_", ""))
+        if kind is float:
+            return float(text.replace("_", ""))
+        if kind is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a valid {kind.__name__}") from None
+    raise ConfigError(f"{key}: cannot set a field of type {kind}")
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def set_field(cfg: Any, path: list[str], text: str, full_key: str) -> Any:
+    fields = _fields(type(cfg))
+    name = path[0]
+    if name not in fields:
+        hint = difflib.get_close_matches(name, fields, n=1)
+        raise ConfigError(f"unknown config key {full_key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                          + f"; {type(cfg).__name__} has: {', '.join(fields)}")
+    kind = fields[name]
+    if dataclasses.is_dataclass(kind):
+        if len(path) == 1:
+            raise ConfigError(f"{full_key} is a group of settings; set one of its fields, e.g. {full_key}.{next(iter(_fields(kind)))}=...")
+        value = set_field(getattr(cfg, name), path[1:], text, full_key)
+    else:
+        if len(path) > 1:
+            raise ConfigError(f"{'.'.join(full_key.split('.')[:-len(path) + 1])} is not a group of settings")
+        value = parse_value(text, kind, full_key)
+    try:
+        return dataclasses.replace(cfg, **{name: value})
+    except ValueError as e:  # a config's own validation (__post_init__)
+        raise ConfigError(f"{full_key}={text}: {e}") from None
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """Apply ``stage.field=value`` strings (nested: ``train.model.num_layers=6``)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects stage.field=value, got {item!r}")
+        cfg = set_field(cfg, key.strip().split("."), text.strip(), key.strip())
+    return cfg
+
+
+def config_from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a (nested) config dataclass from a dict, refusing unknown keys."""
+    fields = _fields(cls)
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = fields[name]
+        kwargs[name] = config_from_dict(kind, value) if dataclasses.is_dataclass(kind) else value
+    return cls(**kwargs)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out

@@ -1,0 +1,57 @@
+"""The DAG: which stages run, in which order, and which upstream artifacts each one reads.
+
+The Prefect flow (``flows.pipeline``) and the plain runner below walk the same list, so a run with or
+without Prefect produces the same keys and artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from artifacts import ArtifactStore, Stage, StageResult, run_stage
+from stages import average, compliance, evaluate, quantize, tokenize, train
+
+from .config import PipelineConfig
+
+# Input roles are the names of the upstream stages whose artifacts a stage reads.
+STAGES: tuple[Stage, ...] = (tokenize.STAGE, train.STAGE, average.STAGE, quantize.STAGE, evaluate.STAGE,
+                             compliance.STAGE)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
+
+
+def stage_config(cfg: PipelineConfig, name: str):
+    return getattr(cfg, name)
+
+
+def check_stage_names(names: Iterable[str]) -> list[str]:
+    from .config import ConfigError
+    names = list(names)
+    if "all" in names:
+        return [s.name for s in STAGES]
+    bad = [n for n in names if n not in STAGE_BY_NAME]
+    if bad:
+        raise ConfigError(f"unknown stage {bad[0]!r}; stages: {', '.join(STAGE_BY_NAME)}")
+    return names
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Catch what can be caught before anything runs: missing source documents or tokenizer files."""
+    from artifacts import plan_key
+    plan_key(tokenize.STAGE, cfg.tokenize, {})
+
+
+def run_pipeline(cfg: PipelineConfig, store: ArtifactStore, force: Iterable[str] = (),
+                 until: str | None = None,
+                 on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
+    """Run the DAG in this process without Prefect; each stage is served from the store when it can be."""
+    force = set(check_stage_names(force))
+    results: dict[str, StageResult] = {}
+    for stage in STAGES:
+        inputs = {role: results[role].artifact for role in stage.inputs}
+        res = run_stage(stage, stage_config(cfg, stage.name), inputs, store, force=stage.name in force)
+        results[stage.name] = res
+        if on_result:
+            on_result(res)
+        if stage.name == until:
+            break
+    return list(results.values())

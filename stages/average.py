@@ -1,0 +1,115 @@
+"""average: one set of weights from a training run: SWA over warmdown checkpoints, EMA, or final.
+
+Every candidate (final, EMA, SWA) is scored on a held-out slice of *training* data (the tail of the
+last train shard), never on validation data, so ``method=best`` picks by data without peeking.
+
+Run it alone:  python -m stages.average --input train=KEY --input tokenize=KEY --set method=swa
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from artifacts import Artifact, Stage, StageContext
+from .model import GPT, ModelConfig
+from .scoring import score_stream
+from .shards import load_tokens
+from .tokenize import Dataset
+
+log = logging.getLogger("golf.average")
+METHODS = ("swa", "ema", "final", "best")
+
+
+@dataclass(frozen=True)
+class AverageConfig:
+    method: str = "best"        # swa | ema | final | best (lowest held-out loss among those available)
+    swa_last: int = 0           # average only the last K warmdown checkpoints (0 = all of them)
+    swa_include_final: bool = True  # the final weights join the SWA average
+    heldout_tokens: int = 65536  # tokens of training data used to compare the candidates
+    heldout_seq_len: int = 0    # window for that comparison (0 = the training seq_len)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def swa(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of several state dicts, in float32."""
+    out = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in states[0].items()}
+    for s in states:
+        for k, v in s.items():
+            out[k] += v.float()
+    return {k: v / len(states) for k, v in out.items()}
+
+
+def heldout_loss(model_cfg: ModelConfig, state: dict, tokens: np.ndarray, seq_len: int) -> float:
+    model = GPT(model_cfg)
+    model.load_state_dict(state)
+    model.eval()
+    return float(score_stream(model, tokens, seq_len, 0, batch_seqs=16).mean())
+
+
+def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
+    if cfg.method not in METHODS:
+        raise ValueError(f"average.method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
+    train_art = inputs["train"]
+    info = json.loads(train_art.file("train.json").read_text())
+    model_cfg = ModelConfig(**info["model_config"])
+    final = load_state(train_art.file("final.pt"))
+    candidates: dict[str, dict] = {"final": final}
+    if "ema.pt" in train_art.manifest["files"]:
+        candidates["ema"] = load_state(train_art.file("ema.pt"))
+    ckpts = train_art.files("checkpoints/")
+    if cfg.swa_last:
+        ckpts = ckpts[-cfg.swa_last:]
+    swa_members = list(ckpts)
+    if ckpts or cfg.method == "swa":
+        states = [load_state(train_art.file(c)) for c in ckpts]
+        if cfg.swa_include_final:
+            states.append(final)
+            swa_members.append("final.pt")
+        candidates["swa"] = swa(states)
+    if cfg.method not in ("best",) and cfg.method not in candidates:
+        raise ValueError(f"average.method={cfg.method} but the train artifact has no {cfg.method} weights "
+                         f"(set train.ema_decay > 0 for EMA, train.swa_every > 0 for SWA)")
+
+    # held-out slice: the tail of the last train shard
+    ds = Dataset.open(inputs["tokenize"])
+    tail = np.asarray(load_tokens(ds.shard_paths("train")[-1]))
+    tokens = tail[-(cfg.heldout_tokens + 1):]
+    trained_tokens = info["tokens"]
+    total_train = inputs["tokenize"].metrics.get("train_tokens", 0)
+    seen = trained_tokens > total_train - len(tokens)  # whether training may have reached this slice
+    seq_len = cfg.heldout_seq_len or inputs["train"].config["seq_len"]
+    losses = {name: heldout_loss(model_cfg, st, tokens, seq_len) for name, st in candidates.items()}
+    for name, loss in losses.items():
+        log.info("candidate %-5s held-out loss %.4f", name, loss)
+    chosen = min(losses, key=losses.get) if cfg.method == "best" else cfg.method
+    torch.save(candidates[chosen], ctx.dir / "weights.pt")
+    report = {"chosen": chosen, "heldout_loss": losses, "heldout_tokens": len(tokens) - 1,
+              "heldout_may_overlap_training": bool(seen), "swa_members": swa_members,
+              "model_config": info["model_config"]}
+    (ctx.dir / "average.json").write_text(json.dumps(report, indent=2) + "\n")
+    return {"chosen": chosen, "heldout_loss": losses[chosen],
+            **{f"heldout_loss_{k}": v for k, v in losses.items()}, "swa_checkpoints": len(swa_members)}
+
+
+STAGE = Stage(name="average", config=AverageConfig, inputs=("train", "tokenize"), build=build, module=__name__)
+
+
+def load_weights(artifact: Artifact) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The averaged weights and their model config, from an average artifact."""
+    report = json.loads(artifact.file("average.json").read_text())
+    return ModelConfig(**report["model_config"]), load_state(artifact.file("weights.pt"))
+
+
+if __name__ == "__main__":
+    from golf.stage_cli import stage_main
+    stage_main(STAGE)

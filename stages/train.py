@@ -1,0 +1,441 @@
+"""train: a GPT trained on the tokenize artifact's train shards under a wallclock cap.
+
+Leaves the final weights, the EMA weights, the checkpoints that weight averaging needs (every
+``swa_every`` steps during warmdown), a per-step metrics file and a loss-curve plot. A killed run
+resumes from its last resume point when rerun with the same config (the manifest says so).
+
+Run it alone (one process):     python -m stages.train --input tokenize=KEY
+On 8 GPUs (the stage launches torchrun itself when nproc > 1):
+                                python -m stages.train --input tokenize=KEY --set nproc=8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from artifacts import Artifact, Stage, StageContext
+from .model import GPT, ModelConfig, flops_per_token
+from .optim import Muon
+from .shards import load_tokens
+from .tokenize import Dataset
+
+log = logging.getLogger("golf.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 1337
+    max_seconds: float = 600.0     # wallclock cap of the training loop (the challenge: 600 s on 8x H100)
+    max_steps: int = 0             # also stop after this many steps (0 = only the wallclock cap)
+    seq_len: int = 1024
+    batch_tokens: int = 524_288    # global tokens per optimizer step, whatever the number of processes
+    micro_batch_tokens: int = 65_536  # tokens per process per forward pass; sets gradient accumulation
+    matrix_lr: float = 0.04        # Muon, for the 2-D weights of the blocks
+    embed_lr: float = 0.05         # Adam, tied embedding
+    scalar_lr: float = 0.04        # Adam, gains, scales, mixes, skip weights
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_weight_decay: float = 0.0
+    warmup_steps: int = 0          # linear LR warmup
+    warmdown_frac: float = 0.25    # final fraction of the budget (time or steps) with LR decaying linearly
+    min_lr_frac: float = 0.0       # LR floor during warmdown, as a fraction of the peak
+    grad_clip: float = 0.0         # global grad-norm clip (0 = off)
+    ema_decay: float = 0.0         # EMA of the weights (0 = off; records: 0.9965)
+    swa_every: int = 50            # save a checkpoint every N steps during warmdown (0 = none)
+    compile_warmup_steps: int = 20  # steps run before the clock starts to compile and warm up, then undone
+    nproc: int = 1                 # processes (GPUs); >1 launches torchrun
+    device: str = "auto"           # auto | cpu | cuda
+    compile: str = "auto"          # auto (on for cuda) | on | off
+    resume_every_s: float = 60.0   # seconds between resumable snapshots in the store's work dir
+    log_every: int = 10
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# --- data ---------------------------------------------------------------------------------------
+class TokenStream:
+    """Contiguous (x, y) batches from the train shards, each process taking its own slice; wraps around."""
+
+    def __init__(self, paths: list[Path], rank: int, world: int):
+        self.paths, self.rank, self.world = paths, rank, world
+        self.shard, self.pos = 0, 0
+        self.tokens = load_tokens(paths[0])
+
+    def state(self) -> dict:
+        return {"shard": self.shard, "pos": self.pos}
+
+    def load_state(self, s: dict) -> None:
+        self.shard, self.pos = s["shard"], s["pos"]
+        self.tokens = load_tokens(self.paths[self.shard])
+
+    def _take(self, n: int) -> np.ndarray:
+        out = []
+        while n > 0:
+            if self.pos >= len(self.tokens) - 1:
+                self.shard = (self.shard + 1) % len(self.paths)
+                self.tokens, self.pos = load_tokens(self.paths[self.shard]), 0
+            chunk = self.tokens[self.pos:self.pos + n]
+            out.append(np.asarray(chunk))
+            self.pos += len(chunk)
+            n -= len(chunk)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self._take(self.world * local_tokens + 1)  # every process reads the same span
+        start = self.rank * local_tokens
+        buf = torch.from_numpy(span[start:start + local_tokens + 1].astype(np.int64))
+        x = buf[:-1].view(-1, seq_len)
+        y = buf[1:].view(-1, seq_len)
+        self.pos -= 1  # the next span starts at the last target, as in the official loader
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = cfg.device
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA GPU is visible")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def split_params(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
+    """matrix -> Muon; embed and scalar -> Adam."""
+    groups = {"matrix": [], "embed": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name == "embed.weight":
+            groups["embed"].append(p)
+        elif name.startswith("blocks.") and p.ndim == 2 and "resid_mix" not in name:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def lr_multiplier(cfg: TrainConfig, step: int, progress: float) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.warmdown_frac > 0 and progress >= 1 - cfg.warmdown_frac:
+        return max((1 - progress) / cfg.warmdown_frac, cfg.min_lr_frac)
+    return 1.0
+
+
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_atomic(obj, path: Path) -> None:
+    part = path.with_name(path.name + ".part")
+    torch.save(obj, part)
+    os.replace(part, path)
+
+
+def plot_loss(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [m["step"] for m in metrics]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(steps, [m["loss"] for m in metrics], lw=1)
+    ax[0].set(xlabel="step", ylabel="train loss (nats)", title="training loss")
+    ax[0].grid(alpha=0.3)
+    ax[1].plot(steps, [m["lr_mult"] for m in metrics], lw=1, color="tab:orange")
+    ax[1].set(xlabel="step", ylabel="LR multiplier", title="schedule")
+    ax[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the training loop ------------------------------------------------------------------------------
+def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
+    """Train in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(cfg)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+    ds = Dataset.open(Artifact(dataset_dir, json.loads((dataset_dir / "manifest.json").read_text())))
+    mcfg = cfg.model
+    if mcfg.vocab_size == 0:
+        mcfg = dataclasses.replace(mcfg, vocab_size=ds.vocab_size)
+    if mcfg.vocab_size < ds.vocab_size:
+        raise ValueError(f"train.model.vocab_size={mcfg.vocab_size} but the tokenizer has {ds.vocab_size} "
+                         f"pieces: set it to {ds.vocab_size} (or 0 to follow the tokenizer)")
+    local_tokens, rem = divmod(cfg.batch_tokens, world)
+    if rem or local_tokens % cfg.seq_len:
+        raise ValueError(f"batch_tokens={cfg.batch_tokens} must split into {world} processes x whole "
+                         f"sequences of seq_len={cfg.seq_len}")
+    micro = min(cfg.micro_batch_tokens, local_tokens)
+    if local_tokens % micro or micro % cfg.seq_len:
+        raise ValueError(f"micro_batch_tokens={micro} must divide the per-process batch {local_tokens} "
+                         f"and be a multiple of seq_len={cfg.seq_len}")
+    grad_accum = local_tokens // micro
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(mcfg).to(device)
+    groups = split_params(model)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                weight_decay=cfg.muon_weight_decay)
+    adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
+                             {"params": groups["scalar"], "lr": cfg.scalar_lr}],
+                            betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    optimizers = [muon, adam]
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    fwd = torch.compile(model) if use_compile else model
+    if distributed:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    stream = TokenStream(ds.shard_paths("train"), rank, world)
+
+    def step_once(step: int, lr_mult: float) -> float:
+        total = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = stream.next_batch(micro, cfg.seq_len, device)
+            sync = micro_step == grad_accum - 1
+            ctx = fwd.no_sync() if distributed and not sync else _null()
+            with ctx, autocast:
+                loss = fwd(x, y) / grad_accum
+            loss.backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        frac = min(step / max(1, cfg.muon_momentum_warmup_steps), 1.0)
+        for g in muon.param_groups:
+            g["momentum"] = (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+        for opt in optimizers:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if distributed:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        return total.item()
+
+    # --- compile warm-up: run steps, then restore the initial state (not counted, as the records do)
+    t_warm = time.perf_counter()
+    if cfg.compile_warmup_steps and use_compile:
+        init = cpu_state(model)
+        opt_init = [opt.state_dict() for opt in optimizers]
+        loader_init = stream.state()
+        for s in range(cfg.compile_warmup_steps):
+            step_once(s, 1.0)
+        model.load_state_dict(init)
+        for opt, sd in zip(optimizers, opt_init):
+            opt.load_state_dict(sd)
+        stream.load_state(loader_init)
+    warmup_seconds = time.perf_counter() - t_warm
+
+    # --- resume
+    ckpt_dir = work / "checkpoints"
+    resume_path = work / "resume.pt"
+    step, elapsed_before, resumed_from = 0, 0.0, None
+    metrics: list[dict] = []
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if cfg.ema_decay > 0 else None
+    if resume_path.exists():
+        snap = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(snap["model"])
+        for opt, sd in zip(optimizers, snap["optimizers"]):
+            opt.load_state_dict(sd)
+        stream.load_state(snap["loader"][rank] if isinstance(snap["loader"], list) else snap["loader"])
+        step, elapsed_before, metrics = snap["step"], snap["elapsed"], snap["metrics"]
+        if ema is not None and snap.get("ema") is not None:
+            ema = {k: v.to(device) for k, v in snap["ema"].items()}
+        torch.set_rng_state(snap["rng"])
+        resumed_from = step
+        if master:
+            log.info("resumed from step %d (%.1f s of training already done)", step, elapsed_before)
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        n_params = model.num_params()
+        log.info("model %s: %.2fM params; %d processes on %s; grad accumulation %d; compile=%s",
+                 mcfg, n_params / 1e6, world, device, grad_accum, use_compile)
+
+    def progress_of(step: int, elapsed: float) -> float:
+        p = elapsed / cfg.max_seconds if cfg.max_seconds > 0 else 0.0
+        if cfg.max_steps:
+            p = max(p, step / cfg.max_steps)
+        return p
+
+    def snapshot(step: int, elapsed: float) -> None:
+        loaders = [None] * world
+        if distributed:
+            dist.all_gather_object(loaders, stream.state())
+        else:
+            loaders = [stream.state()]
+        if master:
+            save_atomic({"model": cpu_state(model), "optimizers": [o.state_dict() for o in optimizers],
+                         "loader": loaders, "step": step, "elapsed": elapsed, "metrics": metrics,
+                         "ema": {k: v.cpu() for k, v in ema.items()} if ema is not None else None,
+                         "rng": torch.get_rng_state()}, resume_path)
+
+    # --- the timed loop
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.max_seconds, unit="s", desc="train", disable=not master or None,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}", initial=min(elapsed_before, cfg.max_seconds))
+    flops_tok = flops_per_token(mcfg, cfg.seq_len)
+    t_start = time.perf_counter()
+    last_snapshot = t_start
+    stop_reason = "max_seconds"
+    tokens_per_step = cfg.batch_tokens
+    while True:
+        elapsed = elapsed_before + (time.perf_counter() - t_start)
+        progress = progress_of(step, elapsed)
+        if progress >= 1.0:
+            stop_reason = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "max_seconds"
+            break
+        lr_mult = lr_multiplier(cfg, step, progress)
+        t_step = time.perf_counter()
+        loss = step_once(step, lr_mult)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s = time.perf_counter() - t_step
+        step += 1
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"training loss is {loss} at step {step}: stopping "
+                                   f"(lower the learning rates or enable grad_clip)")
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in model.state_dict().items():
+                    ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+        elapsed = elapsed_before + (time.perf_counter() - t_start)
+        rec = {"step": step, "loss": round(loss, 5), "lr_mult": round(lr_mult, 5),
+               "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
+               "elapsed_s": round(elapsed, 3)}
+        metrics.append(rec)
+        in_warmdown = cfg.warmdown_frac > 0 and progress_of(step, elapsed) >= 1 - cfg.warmdown_frac
+        if master and cfg.swa_every and in_warmdown and step % cfg.swa_every == 0:
+            save_atomic(cpu_state(model), ckpt_dir / f"step_{step:06d}.pt")
+        if master and (step % cfg.log_every == 0 or step == 1):
+            bar.set_postfix_str(f"step {step} loss {loss:.4f} {rec['tokens_per_s']:,} tok/s")
+            bar.n = min(elapsed, cfg.max_seconds)
+            bar.refresh()
+            log.debug("step %d loss %.4f lr %.3f %.1f ms", step, loss, lr_mult, rec["step_ms"])
+        if cfg.resume_every_s and time.perf_counter() - last_snapshot > cfg.resume_every_s:
+            snapshot(step, elapsed)
+            last_snapshot = time.perf_counter()
+    train_seconds = elapsed_before + (time.perf_counter() - t_start)
+    bar.close()
+    if step == 0:
+        raise RuntimeError(f"no training step finished within max_seconds={cfg.max_seconds}")
+
+    result = {}
+    if master:
+        log.info("stopped by %s at step %d after %.1f s of training", stop_reason, step, train_seconds)
+        save_atomic(cpu_state(model), out / "final.pt")
+        if ema is not None:
+            save_atomic({k: v.cpu() for k, v in ema.items()}, out / "ema.pt")
+        shutil.move(str(ckpt_dir), out / "checkpoints")
+        with open(out / "metrics.jsonl", "w") as f:
+            for m in metrics:
+                f.write(json.dumps(m) + "\n")
+        plot_loss(metrics, out / "loss_curve.png")
+        timed = metrics[min(len(metrics) - 1, 5):]  # skip the first steps' start-up cost
+        tok_s = sum(m["tokens_per_s"] for m in timed) / len(timed)
+        result = {
+            "steps": step, "stop_reason": stop_reason, "train_seconds": round(train_seconds, 3),
+            "warmup_seconds": round(warmup_seconds, 3), "tokens": step * cfg.batch_tokens,
+            "tokens_per_s": round(tok_s), "tokens_per_s_per_process": round(tok_s / world),
+            "tflops_per_s": round(tok_s * flops_tok / 1e12, 3),
+            "final_train_loss": float(np.mean([m["loss"] for m in metrics[-10:]])),
+            "params": model.num_params(), "world_size": world, "device": str(device.type),
+            "grad_accum": grad_accum, "compiled": use_compile, "resumed_from_step": resumed_from,
+            "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*.pt")),
+            "model_config": dataclasses.asdict(mcfg),
+        }
+        (out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+def build(cfg: TrainConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
+    dataset_dir = inputs["tokenize"].path
+    under_torchrun = "LOCAL_RANK" in os.environ
+    resumed = (ctx.work / "resume.pt").exists()
+    if cfg.nproc > 1 and not under_torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+               "-m", "stages.train", "--worker", "--dataset", str(dataset_dir), "--out", str(ctx.dir),
+               "--work", str(ctx.work), "--config-json", json.dumps(dataclasses.asdict(cfg))]
+        log.info("launching: %s", " ".join(cmd[:8]) + " ...")
+        (ctx.dir / "launch.txt").write_text(" ".join(cmd) + "\n")
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+        if proc.returncode:
+            raise RuntimeError(f"torchrun exited with code {proc.returncode} (see the log above)")
+        metrics = json.loads((ctx.dir / "train.json").read_text())
+    else:
+        (ctx.dir / "launch.txt").write_text(" ".join(sys.argv) + "\n")
+        metrics = train(cfg, dataset_dir, ctx.dir, ctx.work)
+    if resumed or metrics.get("resumed_from_step") is not None:
+        ctx.manifest_extra["resumed"] = {"from_step": metrics.get("resumed_from_step")}
+    metrics.pop("checkpoints", None)
+    metrics.pop("model_config", None)
+    return metrics
+
+
+STAGE = Stage(name="train", config=TrainConfig, inputs=("tokenize",), build=build, module=__name__)
+
+
+def _worker_main(argv: list[str]) -> None:
+    import argparse
+    from golf.config import config_from_dict
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--config-json", required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train(config_from_dict(TrainConfig, json.loads(a.config_json)), a.dataset, a.out, a.work)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        _worker_main(sys.argv[1:])
+    else:
+        from golf.stage_cli import stage_main
+        stage_main(STAGE)
