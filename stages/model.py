@@ -151,7 +151,11 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(n_skips, cfg.model_dim))
 
     def hidden(self, idx: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = rms_norm(self.embed(idx))
+        x = self.embed(idx)
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            # the residual stream lives in the autocast dtype (bf16), as in the records: half the bytes
+            x = x.to(torch.get_autocast_dtype("cuda"))
+        x = rms_norm(x)
         x0 = x
         skips = []
         for i, block in enumerate(self.blocks):

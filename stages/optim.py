@@ -29,6 +29,19 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return (x.T if transposed else x).to(g.dtype)
 
 
+_compiled_ns = None
+
+
+def orthogonalise(g: Tensor, steps: int) -> Tensor:
+    """newton_schulz, compiled on GPU (fuses the small elementwise ops between its matmuls)."""
+    global _compiled_ns
+    if not g.is_cuda:
+        return newton_schulz(g, steps)
+    if _compiled_ns is None:
+        _compiled_ns = torch.compile(newton_schulz)
+    return _compiled_ns(g, steps)
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, weight_decay: float = 0.0):
@@ -48,7 +61,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(g)
                 update = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"])
+                update = orthogonalise(update, group["ns_steps"])
                 update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])

@@ -100,13 +100,19 @@ class TokenStream:
         return np.concatenate(out) if len(out) > 1 else out[0]
 
     def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape (local_tokens // seq_len, seq_len) for this process, on ``device``.
+
+        One host-to-device copy per call: call it once per optimizer step and slice micro-batches on the
+        device, so the copy's synchronisation happens once, while the GPU is idle anyway.
+        """
         span = self._take(self.world * local_tokens + 1)  # every process reads the same span
         start = self.rank * local_tokens
-        buf = torch.from_numpy(span[start:start + local_tokens + 1].astype(np.int64))
-        x = buf[:-1].view(-1, seq_len)
-        y = buf[1:].view(-1, seq_len)
+        buf = torch.from_numpy(span[start:start + local_tokens + 1].astype(np.int32))
+        if device.type == "cuda":
+            buf = buf.pin_memory().to(device, non_blocking=True)
+        buf = buf.long()
         self.pos -= 1  # the next span starts at the last target, as in the official loader
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return buf[:-1].view(-1, seq_len), buf[1:].view(-1, seq_len)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -154,7 +160,11 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def plot_loss(metrics: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU image: the numbers are in metrics.jsonl all the same
+        log.warning("matplotlib is not installed: no loss_curve.png")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     steps = [m["step"] for m in metrics]
@@ -223,8 +233,10 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
 
     def step_once(step: int, lr_mult: float) -> float:
         total = torch.zeros((), device=device)
+        xs, ys = stream.next_batch(local_tokens, cfg.seq_len, device)
+        rows = micro // cfg.seq_len
         for micro_step in range(grad_accum):
-            x, y = stream.next_batch(micro, cfg.seq_len, device)
+            x, y = xs[micro_step * rows:(micro_step + 1) * rows], ys[micro_step * rows:(micro_step + 1) * rows]
             sync = micro_step == grad_accum - 1
             ctx = fwd.no_sync() if distributed and not sync else _null()
             with ctx, autocast:

@@ -1,0 +1,14 @@
+# Sourced at the start of every GPU benchmark call (device machine: torch 2.11, no zstandard/brotli/prefect).
+# Installs carried wheels from .whl/ into /tmp/site and lays out the bench documents once per machine.
+set -u
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || echo "wheel install failed"
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 GOLF_STORE=${GOLF_STORE:-/tmp/golf-store}
+DOCS=${DOCS:-/tmp/bench_docs}
+if [ -d .gpu/corpus ] && [ ! -f "$DOCS/.done" ]; then
+  python3 bench/prepare_corpus.py --corpus .gpu/corpus --parts "${PARTS:-0,1,2}" --out "$DOCS" && touch "$DOCS/.done"
+fi

@@ -1,0 +1,97 @@
+"""Where a training step's time goes on one GPU: forward+backward, optimizer, and the top kernels.
+
+    python bench/train_profile.py --preset baseline [--set train.model.num_layers=11 ...] --out DIR
+
+Uses the train stage's own model, parameter split and optimizers on random tokens (no data loading),
+timed with CUDA events after a compile warm-up. Writes profile.json and kernels.txt to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from golf.config import apply_overrides, preset
+from stages.model import GPT, flops_per_token
+from stages.optim import Muon
+from stages.train import split_params
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="baseline")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("/tmp/profile"))
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    cfg = apply_overrides(preset(a.preset), a.set).train
+    mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or a.vocab)
+    dev = torch.device("cuda")
+    model = GPT(mcfg).to(dev)
+    groups = split_params(model)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum)
+    adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
+                             {"params": groups["scalar"], "lr": cfg.scalar_lr}], betas=(0.9, 0.95), fused=True)
+    fwd = torch.compile(model, dynamic=False)
+    accum = cfg.batch_tokens // cfg.micro_batch_tokens
+    rows = cfg.micro_batch_tokens // cfg.seq_len
+    gen = torch.Generator(device=dev).manual_seed(0)
+    data = torch.randint(0, mcfg.vocab_size, (accum, rows, cfg.seq_len + 1), device=dev, generator=gen)
+
+    def fb():
+        for i in range(accum):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fwd(data[i, :, :-1], data[i, :, 1:]) / accum
+            loss.backward()
+
+    def opt():
+        muon.step()
+        adam.step()
+        model.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fb()
+        opt()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t0
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    fb_ms, opt_ms = [], []
+    for _ in range(a.steps):
+        e0, e1, e2 = ev(), ev(), ev()
+        e0.record()
+        fb()
+        e1.record()
+        opt()
+        e2.record()
+        torch.cuda.synchronize()
+        fb_ms.append(e0.elapsed_time(e1))
+        opt_ms.append(e1.elapsed_time(e2))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    step_ms = med(fb_ms) + med(opt_ms)
+    tok_s = cfg.batch_tokens / (step_ms / 1e3)
+    res = {"model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+           "warmup_s": round(warm, 1), "fwd_bwd_ms": round(med(fb_ms), 2), "optimizer_ms": round(med(opt_ms), 2),
+           "step_ms": round(step_ms, 2), "tokens_per_s": round(tok_s),
+           "tflops_per_s": round(tok_s * flops_per_token(mcfg, cfg.seq_len) / 1e12, 1),
+           "params_m": round(model.num_params() / 1e6, 2)}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fb()
+        opt()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    (a.out / "kernels.txt").write_text(table)
+    (a.out / "profile.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps(res))
+    print(table[:6000])
+
+
+if __name__ == "__main__":
+    main()
