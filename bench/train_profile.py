@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--recurrence", choices=["on", "off"], default="off")
+    p.add_argument("--doc-len", type=int, default=1000, help="mean document length of the random tokens")
+    p.add_argument("--label", default="")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -35,6 +38,7 @@ def main() -> None:
     mcfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or a.vocab)
     dev = torch.device("cuda")
     model = GPT(mcfg).to(dev)
+    model.recurrence_active = a.recurrence == "on" and mcfg.has_recurrence
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum)
     adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
@@ -43,7 +47,9 @@ def main() -> None:
     accum = cfg.batch_tokens // cfg.micro_batch_tokens
     rows = cfg.micro_batch_tokens // cfg.seq_len
     gen = torch.Generator(device=dev).manual_seed(0)
-    data = torch.randint(0, mcfg.vocab_size, (accum, rows, cfg.seq_len + 1), device=dev, generator=gen)
+    data = torch.randint(2, mcfg.vocab_size, (accum, rows, cfg.seq_len + 1), device=dev, generator=gen)
+    starts = torch.rand(data.shape, device=dev, generator=gen) < 1.0 / a.doc_len
+    data[starts] = mcfg.bos_id  # documents of about doc_len tokens, as isolation would see them
 
     def fb():
         for i in range(accum):
@@ -77,20 +83,21 @@ def main() -> None:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     step_ms = med(fb_ms) + med(opt_ms)
     tok_s = cfg.batch_tokens / (step_ms / 1e3)
-    res = {"model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+    res = {"label": a.label, "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
            "warmup_s": round(warm, 1), "fwd_bwd_ms": round(med(fb_ms), 2), "optimizer_ms": round(med(opt_ms), 2),
            "step_ms": round(step_ms, 2), "tokens_per_s": round(tok_s),
-           "tflops_per_s": round(tok_s * flops_per_token(mcfg, cfg.seq_len) / 1e12, 1),
+           "tflops_per_s": round(tok_s * flops_per_token(mcfg, cfg.seq_len, model.recurrence_active) / 1e12, 1),
            "params_m": round(model.num_params() / 1e6, 2)}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fb()
         opt()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    (a.out / "kernels.txt").write_text(table)
-    (a.out / "profile.json").write_text(json.dumps(res, indent=2))
-    print(json.dumps(res))
-    print(table[:6000])
+    tag = a.label or "profile"
+    (a.out / f"{tag}.kernels.txt").write_text(table)
+    (a.out / f"{tag}.json").write_text(json.dumps(res, indent=2))
+    print("RESULT", json.dumps({k: v for k, v in res.items() if k != "model"}))
+    print(table[:3000])
 
 
 if __name__ == "__main__":

@@ -60,7 +60,25 @@ def baseline() -> PipelineConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "baseline": baseline}
+def record() -> PipelineConfig:
+    """The model family and optimizer of the 1.0611 record (11L x 512, MLP 4x, sp8192, seq 2048)."""
+    model = ModelConfig(vocab_size=0, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
+                        mlp_activation="leaky_relu2", rope_dims=16, qk_gain_init=5.0, xsa=True, ln_scale=True,
+                        smear_gate=True, recur_start=3, recur_end=5, parallel_from=8, doc_isolation=True)
+    return PipelineConfig(
+        tokenize=TokenizeConfig(tokenizer="embedded-sp8192"),
+        train=TrainConfig(model=model, max_seconds=600.0, seq_len=2048, batch_tokens=786_432,
+                          micro_batch_tokens=98_304, matrix_lr=0.026, muon_momentum=0.97,
+                          muon_weight_decay=0.095, muon_schedule="polar_express", muon_row_norm=True,
+                          warmdown_frac=0.85, min_lr_frac=0.10, ema_decay=0.9965, recur_from_frac=0.35,
+                          swa_every=50),
+        average=AverageConfig(method="ema"),
+        quantize=QuantizeConfig(bits=6, embed_bits=8, compressor="brotli", level=11),
+        eval=EvalConfig(seq_len=2048, stride=64),
+    )
+
+
+PRESETS: dict[str, Callable[[], PipelineConfig]] = {"tiny": tiny, "baseline": baseline, "record": record}
 DEFAULT_PRESET = "tiny"
 
 

@@ -1,15 +1,18 @@
 """The GPT of the challenge's records, in one file: config, layers, forward, loss.
 
-Features follow the official baseline: tied embeddings, grouped-query attention with RMS-normed q/k,
-rotary embeddings (optionally on part of each head), a learned per-head query gain, relu^2 MLP with a
-width multiplier, per-channel residual scales, a learned mix with the input embedding, U-Net style
-skip connections between the first and second half of the layers, and a tanh logit softcap.
-This module is also shipped with the artifact, so it must stay self-contained (torch only).
+Baseline features: tied embeddings, grouped-query attention with RMS-normed q/k, rotary embeddings
+(optionally on part of each head), a learned per-head query gain, relu^2 MLP with a width multiplier,
+per-channel residual scales, a learned mix with the input embedding, U-Net style skip connections,
+and a tanh logit softcap.
+Record-class features, each off by default: leaky-relu(0.5)^2, 1/sqrt(layer+1) input scaling, XSA,
+a BOS-masked SmearGate, depth recurrence over a span of layers, parallel attention/MLP lanes in late
+layers, a hashed bigram embedding, and attention isolated per document.
+
+This module is also shipped with the artifact, so it depends on torch alone.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +28,23 @@ class ModelConfig:
     num_heads: int = 8
     num_kv_heads: int = 4       # grouped-query attention: heads share K/V in groups
     mlp_mult: float = 2.0       # MLP hidden width = mlp_mult * model_dim
-    mlp_activation: str = "relu2"  # relu2 | leaky_relu2 (leaky slope 0.5, then squared)
+    mlp_activation: str = "relu2"  # relu2 | leaky_relu2 (leaky slope 0.5, then squared; records: -0.002 bpb)
     rope_base: float = 10000.0
     rope_dims: int = 0          # rotary dims per head (0 = the whole head); records use 16 of 64
-    qk_gain_init: float = 1.5   # initial per-head query gain
+    qk_gain_init: float = 1.5   # initial per-head query gain (records: 5.0)
     logit_softcap: float = 30.0  # 0 disables
     tied_embed_init_std: float = 0.005
-    unet_skips: bool = True
+    unet_skips: bool = True     # first half of the layers feeds the second half, mirrored
+    ln_scale: bool = False      # scale each block's normed inputs by 1/sqrt(layer + 1)
+    xsa: bool = False           # remove from each head's output its component along the token's own value
+    smear_gate: bool = False    # add a gated copy of the previous token's embedding (never across BOS)
+    recur_start: int = -1       # first layer of a span that is run twice when recurrence is active (-1 = none)
+    recur_end: int = -1         # last layer of that span (inclusive); records: 3..5
+    parallel_from: int = -1     # from this layer on, attention and MLP read the same input (-1 = never)
+    bigram_buckets: int = 0     # hashed (previous, current) token-pair embedding table size (0 = off)
+    bigram_dim: int = 128       # width of that table, projected to model_dim
+    doc_isolation: bool = False  # attention never crosses a BOS token (document start)
+    bos_id: int = 1             # the token that starts every document
 
     def __post_init__(self):
         if self.model_dim % self.num_heads:
@@ -43,6 +56,14 @@ class ModelConfig:
             raise ValueError(f"rope_dims {self.rope_dims} must be even and at most the head dim {head_dim}")
         if self.mlp_activation not in ("relu2", "leaky_relu2"):
             raise ValueError(f"mlp_activation must be relu2 or leaky_relu2, not {self.mlp_activation!r}")
+        if (self.recur_start < 0) != (self.recur_end < 0) or self.recur_end >= self.num_layers \
+                or self.recur_start > self.recur_end:
+            raise ValueError(f"recurrence span {self.recur_start}..{self.recur_end} is not a span of the "
+                             f"{self.num_layers} layers (set both, or both to -1)")
+
+    @property
+    def has_recurrence(self) -> bool:
+        return self.recur_start >= 0
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -80,6 +101,59 @@ class Rotary(nn.Module):
         return torch.cat([rotated, rest], dim=-1) if rest.numel() else rotated
 
 
+# --- attention with or without document isolation -------------------------------------------------
+def document_ids(idx: Tensor, bos_id: int) -> Tensor:
+    """(B, T) index of the document each position belongs to (a BOS starts a new one)."""
+    return torch.cumsum((idx == bos_id).to(torch.int32), dim=1)
+
+
+class DocumentMask:
+    """How attention is restricted for one batch: plain causal, or causal within each document.
+
+    On CUDA the isolated case uses FlexAttention's block-sparse mask (built once per batch, shared by all
+    layers); elsewhere a dense boolean mask for SDPA (fine for the CPU's short sequences).
+    """
+
+    def __init__(self, idx: Tensor | None = None, bos_id: int = 1, isolate: bool = False):
+        self.isolate = isolate and idx is not None
+        self.block_mask = None
+        self.dense = None
+        if not self.isolate:
+            return
+        docs = document_ids(idx, bos_id)
+        B, T = idx.shape
+        if idx.is_cuda:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def mask_mod(b, h, q, kv):
+                return (q >= kv) & (docs[b, q] == docs[b, kv])
+            self.block_mask = create_block_mask(mask_mod, B, None, T, T, device=idx.device)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            self.dense = (docs[:, :, None] == docs[:, None, :]) & causal  # (B, T, T)
+
+
+@torch.compiler.disable
+def document_mask(idx: Tensor, bos_id: int, isolate: bool) -> DocumentMask:
+    """Built outside any compiled graph (a graph break when the model is compiled)."""
+    return DocumentMask(idx, bos_id, isolate)
+
+
+_flex = None
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa):
+    """FlexAttention must run compiled to be fast: inlined when the caller is being compiled, else
+    through a compiled wrapper of its own."""
+    global _flex
+    from torch.nn.attention.flex_attention import flex_attention as fa
+    if torch.compiler.is_compiling():
+        return fa(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _flex is None:
+        _flex = torch.compile(fa, dynamic=False)
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,18 +165,27 @@ class Attention(nn.Module):
         self.out = Linear(self.h * self.d, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.rotary = Rotary(self.d, cfg.rope_dims, cfg.rope_base)
+        self.xsa = cfg.xsa
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: DocumentMask) -> Tensor:
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.h, self.d).transpose(1, 2)
         k = self.k(x).view(B, T, self.kv, self.d).transpose(1, 2)
         v = self.v(x).view(B, T, self.kv, self.d).transpose(1, 2)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.h)
+        gqa = self.kv != self.h
+        if mask.block_mask is not None:
+            y = flex_attention(q, k, v, mask.block_mask, gqa)
+        elif mask.dense is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense[:, None], enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.kv != self.h)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if self.xsa:
+            # XSA: drop the part of each head's output that points along the token's own value vector
+            vh = v.repeat_interleave(self.h // self.kv, dim=1) if gqa else v
+            vn = F.normalize(vh, dim=-1)
+            y = y - (y * vn).sum(-1, keepdim=True) * vn
         return self.out(y.transpose(1, 2).reshape(B, T, self.h * self.d))
 
 
@@ -121,7 +204,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
@@ -129,12 +212,57 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         # learned mix of the running residual with the input embedding x0
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
+        self.in_scale = (layer + 1) ** -0.5 if cfg.ln_scale else 1.0
+        self.parallel = 0 <= cfg.parallel_from <= layer
 
-    def forward(self, x: Tensor, x0: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, mask: DocumentMask) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x), attn_mask)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        h = rms_norm(x) * self.in_scale
+        a = self.attn_scale.to(x.dtype) * self.attn(h, mask)
+        if self.parallel:  # both lanes read the same input and add to the stream together
+            return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
+        x = x + a
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
+
+
+class SmearGate(nn.Module):
+    """x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1}, except where token t starts a document.
+
+    The BOS mask matters: without it the first token of a document would see the last token of the
+    previous one, a cross-document leak (a record was audited for exactly this).
+    """
+
+    def __init__(self, dim: int, bos_id: int, gate_dims: int = 12):
+        super().__init__()
+        self.gate_dims = min(gate_dims, dim)
+        self.gate = nn.Linear(self.gate_dims, 1, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        self.lam = nn.Parameter(torch.zeros(1))
+        self.bos_id = bos_id
+
+    def forward(self, x: Tensor, idx: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        keep = (idx != self.bos_id).unsqueeze(-1).to(x.dtype)
+        g = torch.sigmoid(F.linear(x[..., : self.gate_dims], self.gate.weight.to(x.dtype)))
+        return x + self.lam.to(x.dtype) * g * prev * keep
+
+
+class BigramHash(nn.Module):
+    """An embedding of the hashed (previous token, token) pair; a BOS hashes with no previous token."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = Linear(dim, model_dim, zero_init=True)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        prev = F.pad(idx[:, :-1], (1, 0), value=0)
+        prev = torch.where(idx == self.bos_id, torch.zeros_like(prev), prev)
+        h = (prev * 1_000_003 + idx) % self.buckets
+        return self.proj(self.table(h))
 
 
 class GPT(nn.Module):
@@ -145,32 +273,49 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.embed.weight, std=cfg.tied_embed_init_std)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.n_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
         n_skips = min(self.n_encoder, cfg.num_layers - self.n_encoder)
         self.skip_weights = nn.Parameter(torch.ones(n_skips, cfg.model_dim))
+        self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
+        self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id) \
+            if cfg.bigram_buckets else None
+        # whether the recurrence span runs twice; training switches it on part-way, inference keeps it on
+        self.recurrence_active = cfg.has_recurrence
 
-    def hidden(self, idx: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def layer_order(self) -> list[tuple[int, bool]]:
+        """(layer, first visit) in execution order; a recurring span is replayed right after itself."""
+        order = [(i, True) for i in range(self.cfg.num_layers)]
+        if self.recurrence_active and self.cfg.has_recurrence:
+            s, e = self.cfg.recur_start, self.cfg.recur_end
+            order = order[: e + 1] + [(i, False) for i in range(s, e + 1)] + order[e + 1:]
+        return order
+
+    def hidden(self, idx: Tensor) -> Tensor:
         x = self.embed(idx)
         if x.is_cuda and torch.is_autocast_enabled("cuda"):
             # the residual stream lives in the autocast dtype (bf16), as in the records: half the bytes
             x = x.to(torch.get_autocast_dtype("cuda"))
+        if self.bigram is not None:
+            x = x + self.bigram(idx).to(x.dtype)
+        if self.smear is not None:
+            x = self.smear(x, idx)
         x = rms_norm(x)
         x0 = x
+        mask = document_mask(idx, self.cfg.bos_id, self.cfg.doc_isolation)
         skips = []
-        for i, block in enumerate(self.blocks):
-            if i < self.n_encoder:
-                x = block(x, x0, attn_mask)
+        for i, first in self.layer_order():
+            if first and i >= self.n_encoder:  # decoder layer: take the mirrored encoder output
+                j = i - self.n_encoder
+                if j < len(self.skip_weights) and skips:
+                    x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0, mask)
+            if first and i < self.n_encoder:
                 skips.append(x)
-                continue
-            j = i - self.n_encoder
-            if j < len(self.skip_weights) and skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = block(x, x0, attn_mask)
         return rms_norm(x)
 
-    def logits(self, idx: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        h = self.hidden(idx, attn_mask)
+    def logits(self, idx: Tensor) -> Tensor:
+        h = self.hidden(idx)
         logits = F.linear(h, self.embed.weight.to(h.dtype)).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
@@ -181,10 +326,10 @@ class GPT(nn.Module):
         logits = self.logits(idx)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def token_nll(self, idx: Tensor, targets: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+    def token_nll(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Per-token negative log-likelihood in nats, shape (B, T); the softmax is taken in float64 so
         that sums over millions of tokens are exact to ~1e-12 relative."""
-        logits = self.logits(idx, attn_mask).double()
+        logits = self.logits(idx).double()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                reduction="none").view(targets.shape)
 
@@ -192,11 +337,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, recurrence: bool = False) -> float:
     """Training FLOPs per token: 6 x matrix parameters + attention scores (forward + backward)."""
-    d, L = cfg.model_dim, cfg.num_layers
+    d = cfg.model_dim
     kv_dim = d // cfg.num_heads * cfg.num_kv_heads
+    layers = cfg.num_layers + ((cfg.recur_end - cfg.recur_start + 1) if recurrence and cfg.has_recurrence else 0)
     per_layer = d * d * 2 + d * kv_dim * 2 + 2 * d * int(cfg.mlp_mult * d)
-    matrix = L * per_layer + cfg.vocab_size * d
-    attn = L * 2 * seq_len * d  # causal: half of the 4*T*d of QK^T and AV
+    matrix = layers * per_layer + cfg.vocab_size * d
+    attn = layers * 2 * seq_len * d  # causal: half of the 4*T*d of QK^T and AV
     return 6 * matrix + 3 * attn

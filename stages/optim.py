@@ -9,20 +9,36 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Quintic Newton-Schulz coefficients tuned for fast convergence of singular values towards 1.
-NS5_COEFFS = (3.4445, -4.7750, 2.0315)
+# Quintic Newton-Schulz coefficients tuned for fast convergence of singular values towards 1 (the
+# official baseline), the same at every iteration.
+NS5_COEFFS = ((3.4445, -4.7750, 2.0315),)
+# Polar Express (Amsel et al., 2025): a different optimal quintic per iteration, for 5 iterations.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+SCHEDULES = {"ns5": NS5_COEFFS, "polar_express": POLAR_EXPRESS_COEFFS}
 
 
-def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise a 2-D matrix (U S V^T -> U V^T, loosely), in bfloat16 on GPU."""
+def newton_schulz(g: Tensor, steps: int = 5, schedule: str = "ns5", eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise a 2-D matrix (U S V^T -> U V^T, loosely), in bfloat16 on GPU.
+
+    Each iteration applies x <- a x + (b A + c A^2) x with A = x x^T; ``schedule`` gives (a, b, c) per
+    iteration (the last triple repeats when there are more iterations than triples).
+    """
     assert g.ndim == 2, g.shape
-    a, b, c = NS5_COEFFS
+    coeffs = SCHEDULES[schedule]
     x = g.to(torch.bfloat16) if g.is_cuda else g.float()
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
-    x = x / (x.norm() + eps)
-    for _ in range(steps):
+    # Polar Express assumes singular values <= 1: a 2% safety margin on the Frobenius bound
+    x = x / (x.norm() * (1.02 if schedule == "polar_express" else 1.0) + eps)
+    for i in range(steps):
+        a, b, c = coeffs[min(i, len(coeffs) - 1)]
         A = x @ x.T
         B = b * A + c * A @ A
         x = a * x + B @ x
@@ -32,21 +48,27 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 _compiled_ns = None
 
 
-def orthogonalise(g: Tensor, steps: int) -> Tensor:
+def orthogonalise(g: Tensor, steps: int, schedule: str) -> Tensor:
     """newton_schulz, compiled on GPU (fuses the small elementwise ops between its matmuls)."""
     global _compiled_ns
     if not g.is_cuda:
-        return newton_schulz(g, steps)
+        return newton_schulz(g, steps, schedule)
     if _compiled_ns is None:
         _compiled_ns = torch.compile(newton_schulz)
-    return _compiled_ns(g, steps)
+    return _compiled_ns(g, steps, schedule)
 
 
 class Muon(torch.optim.Optimizer):
+    """Muon. ``row_norm`` (MuonEq-R, as we read it) equalises the rows of the momentum update to unit RMS
+    before orthogonalising, so no output channel dominates the polar factor; ``weight_decay`` is decoupled
+    (p <- p * (1 - lr * wd))."""
+
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, weight_decay: float = 0.0):
+                 ns_steps: int = 5, schedule: str = "ns5", row_norm: bool = False, weight_decay: float = 0.0):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Muon schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+                                      schedule=schedule, row_norm=row_norm, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self):
@@ -61,7 +83,9 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(group["momentum"]).add_(g)
                 update = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalise(update, group["ns_steps"])
+                if group["row_norm"]:
+                    update = update / (update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7).to(update.dtype)
+                update = orthogonalise(update, group["ns_steps"], group["schedule"])
                 update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])

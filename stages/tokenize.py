@@ -36,7 +36,7 @@ BATCH_DOCS = 256  # documents per encode call / per worker task
 @dataclass(frozen=True)
 class TokenizeConfig:
     source: str = "embedded"          # 'embedded' (bundled FineWeb sample) or a .jsonl/.parquet file, dir or glob
-    tokenizer: str = "embedded"       # 'embedded' (official sp1024) or a path to a SentencePiece .model
+    tokenizer: str = "embedded"       # 'embedded' (official sp1024), 'embedded-sp8192', or a SentencePiece .model path
     val_docs: int = 60                # the first N documents are the validation split (challenge: 50,000)
     max_docs: int = 0                 # stop after this many documents in all (0 = no limit)
     tokens_per_shard: int = 100_000_000  # the official export's shard size
@@ -67,8 +67,11 @@ def resolve_source(source: str) -> list[Path]:
     return files
 
 
+EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER, "embedded-sp8192": EMBEDDED_DIR / "fineweb_8192_bpe.model"}
+
+
 def resolve_tokenizer(tokenizer: str) -> Path:
-    p = EMBEDDED_TOKENIZER if tokenizer == "embedded" else Path(tokenizer)
+    p = EMBEDDED_TOKENIZERS.get(tokenizer) or Path(tokenizer)
     if not p.is_file():
         raise DataError(f"tokenizer model {p} does not exist")
     return p

@@ -52,7 +52,10 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
-    muon_weight_decay: float = 0.0
+    muon_weight_decay: float = 0.0  # decoupled weight decay on the matrices (records: 0.095)
+    muon_schedule: str = "ns5"     # ns5 (baseline) | polar_express (records)
+    muon_row_norm: bool = False    # MuonEq-R: rows of the update equalised before orthogonalising
+    recur_from_frac: float = 0.0   # switch the model's recurrence span on at this fraction of training
     warmup_steps: int = 0          # linear LR warmup
     warmdown_frac: float = 0.25    # final fraction of the budget (time or steps) with LR decaying linearly
     min_lr_frac: float = 0.0       # LR floor during warmdown, as a fraction of the peak
@@ -215,8 +218,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
     groups = split_params(model)
-    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
-                weight_decay=cfg.muon_weight_decay)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, schedule=cfg.muon_schedule,
+                row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_weight_decay)
     adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
                              {"params": groups["scalar"], "lr": cfg.scalar_lr}],
                             betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
@@ -264,6 +267,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         opt_init = [opt.state_dict() for opt in optimizers]
         loader_init = stream.state()
         for s in range(cfg.compile_warmup_steps):
+            if mcfg.has_recurrence:  # compile both graphs now, so the switch costs nothing later
+                model.recurrence_active = s >= cfg.compile_warmup_steps // 2
             step_once(s, 1.0)
         model.load_state_dict(init)
         for opt, sd in zip(optimizers, opt_init):
@@ -330,6 +335,12 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             stop_reason = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "max_seconds"
             break
         lr_mult = lr_multiplier(cfg, step, progress)
+        if mcfg.has_recurrence:
+            active = progress >= cfg.recur_from_frac
+            if active != model.recurrence_active and master:
+                log.info("recurrence of layers %d-%d %s at step %d", mcfg.recur_start, mcfg.recur_end,
+                         "on" if active else "off", step)
+            model.recurrence_active = active
         t_step = time.perf_counter()
         loss = step_once(step, lr_mult)
         if device.type == "cuda":
@@ -345,6 +356,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                     ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
         elapsed = elapsed_before + (time.perf_counter() - t_start)
         rec = {"step": step, "loss": round(loss, 5), "lr_mult": round(lr_mult, 5),
+               "recurrence": bool(model.recurrence_active),
                "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
                "elapsed_s": round(elapsed, 3)}
         metrics.append(rec)
@@ -377,11 +389,17 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         plot_loss(metrics, out / "loss_curve.png")
         timed = metrics[min(len(metrics) - 1, 5):]  # skip the first steps' start-up cost
         tok_s = sum(m["tokens_per_s"] for m in timed) / len(timed)
+        by_phase = {}
+        for phase in (False, True):
+            ms = sorted(m["step_ms"] for m in timed if m.get("recurrence", False) == phase)
+            if ms:
+                by_phase["with" if phase else "without"] = round(cfg.batch_tokens / (ms[len(ms) // 2] / 1e3))
         result = {
             "steps": step, "stop_reason": stop_reason, "train_seconds": round(train_seconds, 3),
             "warmup_seconds": round(warmup_seconds, 3), "tokens": step * cfg.batch_tokens,
             "tokens_per_s": round(tok_s), "tokens_per_s_per_process": round(tok_s / world),
             "tflops_per_s": round(tok_s * flops_tok / 1e12, 3),
+            "median_tokens_per_s_by_recurrence": by_phase,
             "final_train_loss": float(np.mean([m["loss"] for m in metrics[-10:]])),
             "params": model.num_params(), "world_size": world, "device": str(device.type),
             "grad_accum": grad_accum, "compiled": use_compile, "resumed_from_step": resumed_from,

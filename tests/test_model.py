@@ -1,0 +1,135 @@
+"""The model's record-class features: each does what it says, and none leaks across documents."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from stages.model import GPT, ModelConfig, flops_per_token
+from stages.optim import Muon, newton_schulz
+
+BASE = ModelConfig(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0)
+
+
+def randomised(cfg: ModelConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised projections would hide every feature
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tokens_with_docs(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(2, 64, (2, 48), generator=g)
+    idx[:, 0] = 1
+    idx[:, 20] = 1  # a second document starts at position 20
+    return idx
+
+
+ALL_FEATURES = dataclasses.replace(BASE, mlp_activation="leaky_relu2", rope_dims=4, ln_scale=True, xsa=True,
+                                   smear_gate=True, recur_start=1, recur_end=2, parallel_from=3,
+                                   bigram_buckets=97, bigram_dim=8, doc_isolation=True)
+
+
+def test_document_isolation_blocks_every_path_across_bos():
+    """With isolation on, nothing in document 1 changes any score in document 2 (smear, bigram, attention)."""
+    model = randomised(ALL_FEATURES)
+    idx = tokens_with_docs()
+    changed = idx.clone()
+    changed[:, 1:20] = torch.randint(2, 64, (2, 19), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a, b = model.logits(idx), model.logits(changed)
+    assert torch.equal(a[:, 20:], b[:, 20:])
+    assert not torch.allclose(a[:, 1:20], b[:, 1:20])
+
+
+def test_without_isolation_the_next_document_sees_the_previous_one():
+    model = randomised(dataclasses.replace(ALL_FEATURES, doc_isolation=False))
+    idx = tokens_with_docs()
+    changed = idx.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 62 + 2
+    with torch.no_grad():
+        assert not torch.allclose(model.logits(idx)[:, 20:], model.logits(changed)[:, 20:])
+
+
+def test_smear_gate_never_mixes_into_a_bos():
+    model = randomised(dataclasses.replace(BASE, smear_gate=True))
+    x = torch.randn(1, 6, 32)
+    idx = torch.tensor([[1, 5, 6, 1, 7, 8]])
+    out = model.smear(x, idx)
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.equal(out[:, 3], x[:, 3])
+    assert not torch.equal(out[:, 4], x[:, 4])
+
+
+def test_causality_with_all_features():
+    model = randomised(dataclasses.replace(ALL_FEATURES, doc_isolation=False))
+    idx = tokens_with_docs()
+    changed = idx.clone()
+    changed[:, 30:] = 3
+    with torch.no_grad():
+        assert torch.equal(model.logits(idx)[:, :30], model.logits(changed)[:, :30])
+
+
+def test_xsa_output_is_orthogonal_to_the_value():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(BASE, xsa=True, num_kv_heads=4)
+    attn = randomised(cfg).blocks[0].attn
+    captured = {}
+    attn.out.register_forward_hook(lambda m, i, o: captured.setdefault("y", i[0]))
+    x = torch.randn(1, 10, 32)
+    from stages.model import DocumentMask
+    attn(x, DocumentMask())
+    v = attn.v(x).view(1, 10, 4, 8)
+    y = captured["y"].view(1, 10, 4, 8)
+    assert (y * v).sum(-1).abs().max() < 1e-5
+
+
+def test_recurrence_replays_the_span_and_can_be_switched():
+    model = randomised(dataclasses.replace(BASE, recur_start=1, recur_end=2))
+    assert [i for i, _ in model.layer_order()] == [0, 1, 2, 1, 2, 3]
+    idx = tokens_with_docs()
+    with torch.no_grad():
+        on = model.logits(idx)
+        model.recurrence_active = False
+        assert [i for i, _ in model.layer_order()] == [0, 1, 2, 3]
+        off = model.logits(idx)
+    assert not torch.allclose(on, off)
+    cfg = dataclasses.replace(BASE, recur_start=1, recur_end=2)
+    assert flops_per_token(cfg, 128, recurrence=True) > flops_per_token(cfg, 128)
+
+
+def test_bad_spans_and_shapes_are_refused():
+    with pytest.raises(ValueError, match="recurrence span"):
+        dataclasses.replace(BASE, recur_start=2, recur_end=9)
+    with pytest.raises(ValueError, match="divisible"):
+        dataclasses.replace(BASE, num_heads=5)
+
+
+@pytest.mark.parametrize("schedule", ["ns5", "polar_express"])
+def test_orthogonalisation_brings_singular_values_near_one(schedule):
+    torch.manual_seed(0)
+    g = torch.randn(64, 32) @ torch.diag(torch.logspace(-2, 0, 32))
+    s = torch.linalg.svdvals(newton_schulz(g, 5, schedule))
+    lo, hi = (0.5, 1.3) if schedule == "ns5" else (0.75, 1.15)
+    assert s.min() > lo and s.max() < hi, (s.min(), s.max())
+
+
+def test_muon_variants_train_a_small_model():
+    for kw in ({}, {"schedule": "polar_express", "row_norm": True, "weight_decay": 0.1}):
+        model = randomised(BASE)
+        model.train()
+        mats = [p for n, p in model.named_parameters() if p.ndim == 2 and n.startswith("blocks.") and "resid" not in n]
+        opt = Muon(mats, lr=0.02, **kw)
+        idx = tokens_with_docs()
+        losses = []
+        for _ in range(15):
+            loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            model.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] - 0.1, (kw, losses)
