@@ -165,10 +165,11 @@ def check_calibration(calibration: dict | None, val_shards: Sequence[str], calib
     shards = [Path(s).name for s in calibration.get("shards", [])]
     val_names = {Path(s).name for s in val_shards}
     bad = [s for s in shards if s in val_names or "_val_" in s]
-    evidence = (f"source {source or '?'}, {len(shards)} shard(s) {', '.join(shards[:4])}{' ...' if len(shards) > 4 else ''}"
-                f", {calibration.get('tokens', '?')} tokens")
+    listed = ", ".join(shards[:4]) + (" ..." if len(shards) > 4 else "")
+    evidence = f"source {source or '?'}, {len(shards)} shard(s) {listed}, {calibration.get('tokens', '?')} tokens"
     if source in ("val", "validation") or bad:
-        return result("calibration", FAIL, evidence + f": calibration reads validation data ({', '.join(bad) or source})")
+        return result("calibration", FAIL,
+                      evidence + f": calibration reads validation data ({', '.join(bad) or source})")
     return result("calibration", PASS, evidence + "; no val shard among them")
 
 
@@ -217,8 +218,9 @@ def read_ttt_log(path: Path) -> list[dict]:
         if not isinstance(ev, dict) or ev.get("event") not in ("score", "adapt") \
                 or not isinstance(ev.get("start"), int) or not isinstance(ev.get("end"), int) \
                 or not 0 <= ev["start"] <= ev["end"]:
-            raise ComplianceInputError(f"{path.name}:{lineno}: expected {{\"event\": \"score\"|\"adapt\", \"start\": int, "
-                                       f"\"end\": int}} with 0 <= start <= end, got {line.strip()[:80]}")
+            raise ComplianceInputError(f"{path.name}:{lineno}: expected {{\"event\": \"score\"|\"adapt\", "
+                                       f"\"start\": int, \"end\": int}} with 0 <= start <= end, "
+                                       f"got {line.strip()[:80]}")
         events.append(ev)
     return events
 
@@ -274,7 +276,8 @@ def decoded_bytes(sp, tokens: np.ndarray, bos: int, doc_hashes: np.ndarray | Non
     total = roundtrip = checked = 0
     spans = documents(tokens, bos)
     for i, (a, b) in enumerate(spans):
-        text = sp.decode([int(t) for t in tokens[a:b] if t != bos])
+        doc = tokens[a:b]
+        text = sp.decode(doc[doc != bos].tolist())
         raw = text.encode("utf-8")
         total += len(raw)
         complete = last_complete or i < len(spans) - 1
@@ -310,11 +313,11 @@ def boundary_shift(model, tokens: np.ndarray, bos: int, normal_ids: np.ndarray, 
                    pairs: int, seed: int, doc_isolation: bool, device: str = "cpu") -> dict | None:
     """Score document B after document A, then after A' (A's tokens replaced at random, same length), the way
     eval scores the stream; return how far B's per-token NLLs moved. None when there are not two documents."""
-    import torch
     spans = documents(tokens, bos)
     rng = np.random.default_rng(seed)
-    kwargs = {"doc_isolation": True} if doc_isolation and "doc_isolation" in inspect.signature(score_stream).parameters \
-        else {}
+    # a document-isolating eval passes doc_isolation=True to score_stream: score the same way
+    supported = "doc_isolation" in inspect.signature(score_stream).parameters
+    kwargs = {"doc_isolation": True} if doc_isolation and supported else {}
     shifts, first, n_tokens, used = [], [], 0, 0
     for k in range(min(pairs, len(spans) // 2)):
         (a0, a1), (b0, b1) = spans[2 * k], spans[2 * k + 1]
@@ -325,9 +328,9 @@ def boundary_shift(model, tokens: np.ndarray, bos: int, normal_ids: np.ndarray, 
         a, b = tokens[a0:a0 + la], tokens[b0:b0 + lb]
         a_alt = a.copy()
         a_alt[1:] = rng.choice(normal_ids, size=la - 1)
-        with torch.no_grad():
-            nll = [score_stream(model, np.concatenate([x, b]), seq_len, stride, device=device, **kwargs)[la:la + lb - 1]
-                   for x in (a, a_alt)]
+        # targets la .. la+lb-2 predict B's tokens after its BOS (target la-1, B's BOS itself, belongs to A)
+        nll = [score_stream(model, np.concatenate([x, b]), seq_len, stride, device=device, **kwargs)[la:la + lb - 1]
+               for x in (a, a_alt)]
         d = np.abs(nll[0] - nll[1])
         shifts.append(d)
         first.append(float(d[0]))
@@ -345,8 +348,9 @@ def check_boundary(shift: dict | None, doc_isolation: bool, tolerance: float) ->
     if shift is None:
         return result("boundary_leak", SKIP, "fewer than two val documents: nothing to perturb")
     measured = (f"replacing the previous document with random tokens moved the next document's NLLs by at most "
-                f"{shift['max_shift']:.3g} nats (mean {shift['mean_shift']:.3g}, first token {shift['first_token_shift']:.3g}) "
-                f"over {shift['tokens']:,} tokens in {shift['pairs']} pairs")
+                f"{shift['max_shift']:.3g} nats (mean {shift['mean_shift']:.3g}, "
+                f"first token {shift['first_token_shift']:.3g}) over {shift['tokens']:,} tokens in "
+                f"{shift['pairs']} pairs")
     if not doc_isolation:
         return result("boundary_leak", PASS, "documents not isolated: cross-document context is allowed by the rules, "
                                              "as in the baseline; " + measured)
@@ -449,7 +453,7 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
 
     # boundary leak: the artifact's own model, scored as eval scores
     isolated = bool(eval_info.get("doc_isolation", False))
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(q.file("weights.bin").read_bytes()).to(device)
     _, _, boundary = piece_tables(sp)
     shift = boundary_shift(model, all_tokens, bos, np.flatnonzero(~boundary), int(ev.metrics.get("seq_len", 1024)),
