@@ -3,6 +3,8 @@
     golf run [--preset tiny] [--set stage.field=value ...] [--force STAGE ...] [--no-prefect]
     golf config [--preset NAME] [--set ...]          the resolved config, one line per field
     golf artifacts ls | show KEY | verify KEY | path KEY
+    golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
+    golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
 """
 
 from __future__ import annotations
@@ -128,6 +130,26 @@ def cmd_artifacts(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from .submit import parse_keys, submit
+    against = parse_keys(args.against) if args.against else []
+    out = submit(_store(args), args.keys, Path(args.out), args.name, args.github_id, args.author, args.blurb or "",
+                 against, args.allow_fail)
+    print(f"wrote {out}:")
+    for f in sorted(out.iterdir()):
+        print(f"  {f.name:<32}{f.stat().st_size:>12,} bytes")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .submit import compare_runs, format_comparison, parse_keys, resolve_run
+    store = _store(args)
+    a = [resolve_run(store, k) for k in parse_keys(args.a)]
+    b = [resolve_run(store, k) for k in parse_keys(args.b)]
+    print(format_comparison(compare_runs(a, b, args.threshold_nats, args.alpha)))
+    return 0
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Our stages' messages on stderr; other libraries (httpx, prefect) only when they warn."""
     handler = logging.StreamHandler()
@@ -165,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("action", choices=["ls", "show", "verify", "path"])
     a.add_argument("key", nargs="?", help="artifact key or unique prefix")
     a.set_defaults(fn=cmd_artifacts)
+    s = sub.add_parser("submit", help="write a records-style folder from compliance artifacts (one per seed)")
+    s.add_argument("keys", nargs="+", metavar="COMPLIANCE_KEY", help="one per seed of one config; the first ships")
+    s.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    s.add_argument("--name", required=True, help="the submission's name")
+    s.add_argument("--github-id", required=True, help="your GitHub user name")
+    s.add_argument("--author", help="author shown in submission.json (default: the GitHub id)")
+    s.add_argument("--blurb", help="one paragraph on what the submission does")
+    s.add_argument("--against", metavar="KEY,KEY,...", help="reference runs: adds the Welch test to the README")
+    s.add_argument("--allow-fail", action="store_true", help="package runs whose compliance FAILed (marked so)")
+    s.set_defaults(fn=cmd_submit)
+    c = sub.add_parser("compare", help="one-sided Welch test: does config A beat config B by the threshold?")
+    c.add_argument("--a", required=True, metavar="KEY,KEY,...", help="candidate runs (eval or compliance keys)")
+    c.add_argument("--b", required=True, metavar="KEY,KEY,...", help="reference runs (eval or compliance keys)")
+    c.add_argument("--threshold-nats", type=float, default=0.005, help="the gain to beat, nats per token")
+    c.add_argument("--alpha", type=float, default=0.01, help="one-sided significance level")
+    c.set_defaults(fn=cmd_compare)
     return p
 
 
@@ -175,12 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from stages.tokenize import DataError
     from stages.shards import ShardError
+    from .submit import SubmitError
     try:
         if args.store is None:
             from artifacts.store import default_root
             args.store = str(default_root())
         return args.fn(args)
-    except (ConfigError, StoreError, DataError, ShardError, FileNotFoundError) as e:
+    except (ConfigError, StoreError, DataError, ShardError, SubmitError, FileNotFoundError) as e:
         print(f"golf: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (RuntimeError, ValueError) as e:  # a stage failed: the message names the cause
