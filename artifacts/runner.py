@@ -230,6 +230,9 @@ def run_stage(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact], store: Art
         ctx = StageContext(key=key, dir=pending.path, work=store.work_dir(key))
         handler = logging.FileHandler(pending.path / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        if log.getEffectiveLevel() > logging.INFO:  # the artifact's log keeps INFO even when the console does not
+            log.setLevel(logging.INFO)
         log.addHandler(handler)
         started, t_build = utc_now(), time.perf_counter()
         log.info("stage %s: building %s", stage.name, key)

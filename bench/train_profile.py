@@ -39,6 +39,9 @@ def main() -> None:
     dev = torch.device("cuda")
     model = GPT(mcfg).to(dev)
     model.recurrence_active = a.recurrence == "on" and mcfg.has_recurrence
+    if cfg.fused_loss != "off":
+        from stages.losses import fused_softcap_cross_entropy
+        model.loss_fn = fused_softcap_cross_entropy
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum)
     adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
@@ -83,7 +86,7 @@ def main() -> None:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     step_ms = med(fb_ms) + med(opt_ms)
     tok_s = cfg.batch_tokens / (step_ms / 1e3)
-    res = {"label": a.label, "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+    res = {"label": a.label, "fused_loss": cfg.fused_loss != "off", "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
            "warmup_s": round(warm, 1), "fwd_bwd_ms": round(med(fb_ms), 2), "optimizer_ms": round(med(opt_ms), 2),
            "step_ms": round(step_ms, 2), "tokens_per_s": round(tok_s),
            "tflops_per_s": round(tok_s * flops_per_token(mcfg, cfg.seq_len, model.recurrence_active) / 1e12, 1),

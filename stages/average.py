@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -88,7 +89,9 @@ def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext)
     total_train = inputs["tokenize"].metrics.get("train_tokens", 0)
     seen = trained_tokens > total_train - len(tokens)  # whether training may have reached this slice
     seq_len = cfg.heldout_seq_len or inputs["train"].config["seq_len"]
+    t0 = time.perf_counter()
     losses = {name: heldout_loss(model_cfg, st, tokens, seq_len) for name, st in candidates.items()}
+    selection_s = time.perf_counter() - t0
     for name, loss in losses.items():
         log.info("candidate %-5s held-out loss %.4f", name, loss)
     chosen = min(losses, key=losses.get) if cfg.method == "best" else cfg.method
@@ -98,7 +101,8 @@ def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext)
               "model_config": info["model_config"]}
     (ctx.dir / "average.json").write_text(json.dumps(report, indent=2) + "\n")
     return {"chosen": chosen, "heldout_loss": losses[chosen],
-            **{f"heldout_loss_{k}": v for k, v in losses.items()}, "swa_checkpoints": len(swa_members)}
+            **{f"heldout_loss_{k}": v for k, v in losses.items()}, "swa_checkpoints": len(swa_members),
+            "selection_seconds": round(selection_s, 3)}
 
 
 STAGE = Stage(name="average", config=AverageConfig, inputs=("train", "tokenize"), build=build, module=__name__)

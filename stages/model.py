@@ -321,8 +321,16 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy (nats) of predicting ``targets`` from ``idx``, both (B, T)."""
+        """Mean cross-entropy (nats) of predicting ``targets`` from ``idx``, both (B, T).
+
+        ``self.loss_fn(h, embed_weight, targets, softcap)``, when a trainer sets one, replaces the plain
+        logits + cross-entropy (the train stage plugs in a fused version; inference never needs it).
+        """
         assert idx.shape == targets.shape, (idx.shape, targets.shape)
+        loss_fn = getattr(self, "loss_fn", None)
+        if loss_fn is not None:
+            h = self.hidden(idx)
+            return loss_fn(h.reshape(-1, h.size(-1)), self.embed.weight, targets.reshape(-1), self.cfg.logit_softcap)
         logits = self.logits(idx)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
+from .losses import fused_softcap_cross_entropy
 from .model import GPT, ModelConfig, flops_per_token
 from .optim import Muon
 from .shards import load_tokens
@@ -66,6 +67,7 @@ class TrainConfig:
     nproc: int = 1                 # processes (GPUs); >1 launches torchrun
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto (on for cuda) | on | off
+    fused_loss: str = "auto"       # fuse projection + softcap + cross-entropy: auto (on for cuda) | on | off
     resume_every_s: float = 60.0   # seconds between resumable snapshots in the store's work dir
     log_every: int = 10
 
@@ -217,6 +219,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
+    if cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and device.type == "cuda"):
+        model.loss_fn = fused_softcap_cross_entropy
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, schedule=cfg.muon_schedule,
                 row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_weight_decay)

@@ -133,3 +133,22 @@ def test_muon_variants_train_a_small_model():
             model.zero_grad()
             losses.append(loss.item())
         assert losses[-1] < losses[0] - 0.1, (kw, losses)
+
+
+@pytest.mark.parametrize("softcap", [30.0, 0.0])
+def test_fused_loss_matches_the_plain_loss_and_gradients(softcap):
+    from stages.losses import fused_softcap_cross_entropy
+    cfg = dataclasses.replace(BASE, logit_softcap=softcap)
+    plain = randomised(cfg)
+    fused = randomised(cfg)
+    fused.loss_fn = lambda h, w, t, cap: fused_softcap_cross_entropy(h, w, t, cap, chunk=17)  # uneven chunks
+    idx = tokens_with_docs()
+    losses = []
+    for m in (plain, fused):
+        m.train()
+        loss = m(idx[:, :-1], idx[:, 1:]) * 3.0  # a non-unit upstream gradient
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (n, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
