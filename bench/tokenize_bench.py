@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -66,16 +67,30 @@ def digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def cpu(who: int) -> float:
+    u = resource.getrusage(who)
+    return u.ru_utime + u.ru_stime
+
+
 def run_once(corpus: Path, model: Path, procs: int, tmp: Path, val_docs: int, pool=None) -> dict:
     out = Path(tempfile.mkdtemp(dir=tmp))
+    c_self, c_kids = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = tokenize_documents([corpus], model, out, val_docs, workers=procs, progress=False, pool=pool)
     wall = time.perf_counter() - t0
+    main_cpu = cpu(resource.RUSAGE_SELF) - c_self
+    # workers are reaped when a run's own pool ends, so their CPU time is known for cold runs only
+    kids_cpu = cpu(resource.RUSAGE_CHILDREN) - c_kids if pool is None else None
     d = digest(out)
     shutil.rmtree(out)
-    return {"wall_s": round(wall, 3), "mb_per_s": round(r["text_bytes"] / 1e6 / wall, 3),
-            "text_bytes": r["text_bytes"], "docs": sum(r["docs"].values()),
-            "tokens": r["tokens"]["val"] + r["tokens"]["train"], "digest": d}
+    mb = r["text_bytes"] / 1e6
+    row = {"wall_s": round(wall, 3), "mb_per_s": round(mb / wall, 3), "main_cpu_s": round(main_cpu, 3),
+           "text_bytes": r["text_bytes"], "docs": sum(r["docs"].values()),
+           "tokens": r["tokens"]["val"] + r["tokens"]["train"], "digest": d}
+    if kids_cpu is not None:
+        row["cpu_s"] = round(main_cpu + kids_cpu, 3)
+        row["mb_per_cpu_s"] = round(mb / (main_cpu + kids_cpu), 3)
+    return row
 
 
 def main() -> None:
@@ -107,12 +122,18 @@ def main() -> None:
                 if pool is not None:
                     pool.terminate()
             row = {"procs": procs, "cold_mb_per_s": cold["mb_per_s"], "cold_wall_s": cold["wall_s"],
+                   # CPU cost of the text, all processes: equal across procs = no parallel overhead
+                   "cold_mb_per_cpu_s": cold["mb_per_cpu_s"],
+                   # the main process alone (reading, ordering, writing) could keep up with this much
+                   "main_ceiling_mb_per_s": round(cold["text_bytes"] / 1e6 / max(cold["main_cpu_s"], 1e-9), 1)
+                   if procs > 1 else None,
                    "warm_mb_per_s": statistics.median(r["mb_per_s"] for r in warm),
                    "warm_runs_mb_per_s": [r["mb_per_s"] for r in warm], "digest": cold["digest"],
                    "identical": all(r["digest"] == cold["digest"] for r in warm)}
             results.append(row)
             print(f"procs {procs:3d}: cold {row['cold_mb_per_s']:8.2f} MB/s  warm {row['warm_mb_per_s']:8.2f} MB/s "
-                  f"(runs {row['warm_runs_mb_per_s']})", flush=True)
+                  f"(runs {row['warm_runs_mb_per_s']})  {row['cold_mb_per_cpu_s']:.2f} MB per CPU-s  "
+                  f"main-process ceiling {row['main_ceiling_mb_per_s']} MB/s", flush=True)
         base = results[0]["warm_mb_per_s"]
         for row in results:
             row["speedup_warm"] = round(row["warm_mb_per_s"] / base, 2)

@@ -108,8 +108,9 @@ def summarise_split(paths: list[Path], scans: list[ShardScan], split: str) -> Sp
     open_doc = None  # sha256 of the document still running at the end of the previous shard
     for path, scan in zip(paths, scans):
         if open_doc is None and scan.first_bos != 0:
-            raise ShardError(f"{path}: the {split} split does not start with BOS at token 0 "
-                             f"(first BOS at {scan.first_bos}): not a document boundary")
+            where = f"first BOS at token {scan.first_bos}" if scan.first_bos > 0 else "no BOS in the shard"
+            raise ShardError(f"{path}: the {split} split does not start with BOS ({where}): "
+                             "not a document boundary")
         tok = load_tokens(path)
         if scan.first_bos < 0:  # a document longer than the whole shard
             open_doc.update(np.ascontiguousarray(tok).tobytes())
@@ -124,6 +125,18 @@ def summarise_split(paths: list[Path], scans: list[ShardScan], split: str) -> Sp
     if open_doc is not None:
         out.hashes.append(np.frombuffer(open_doc.digest()[:8], dtype="<u8"))
     return out
+
+
+def check_round_trip(path: Path, sp, bos: int, docs: int = 32) -> None:
+    """A tokenizer that made the shard re-encodes its decoded documents to the same ids; another one,
+    even with a large enough vocab, practically never does. Checks the shard's first complete documents."""
+    tok = load_tokens(path)
+    starts = np.flatnonzero(np.asarray(tok[:1 << 22]) == bos)[:docs + 1]
+    pieces = [np.asarray(tok[a + 1:b]).tolist() for a, b in zip(starts[:-1], starts[1:])]
+    same = sum(sp.encode(sp.decode(ids)) == ids for ids in pieces)
+    if pieces and same < len(pieces) / 2:
+        raise DataError(f"{path}: the tokenizer does not match the data: only {same} of {len(pieces)} documents "
+                        "decode and re-encode to the same ids")
 
 
 def val_byte_counts(paths: list[Path], sp, step: int = SCAN_TOKENS) -> np.ndarray:

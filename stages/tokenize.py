@@ -32,8 +32,8 @@ import numpy as np
 from artifacts import Artifact, Stage, StageContext
 from .docs import DataError, iter_chunks, iter_documents, resolve_source
 from .encoding import encode_chunk, init_worker, ordered_map
-from .published import Remote, SplitSummary, download, find_shards, place, scan_shard, summarise_split, \
-    val_byte_counts
+from .published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
+    summarise_split, val_byte_counts
 from .shards import ShardWriter
 from .sptrain import check_vocab, train_sentencepiece
 
@@ -237,6 +237,7 @@ def build_import(cfg: TokenizeConfig, folder: Path, tokenizer: Path, ctx: StageC
     n_val = len(shards["val"])
     summary: dict[str, SplitSummary] = {"val": summarise_split(shards["val"], scans[:n_val], "val"),
                                         "train": summarise_split(shards["train"], scans[n_val:], "train")}
+    check_round_trip(shards["val"][0], sp, bos)  # ids < vocab is not enough to tell tokenizers apart
     hashes = {s: summary[s].hashes for s in summary}
     val_h = np.sort(np.concatenate(hashes["val"]))
     train_h = np.concatenate(hashes["train"])

@@ -20,7 +20,7 @@ from artifacts import run_stage
 from stages import docs as docs_mod
 from stages import tokenize
 from stages.bpb import piece_tables, token_bytes
-from stages.shards import HEADER_BYTES, ShardError, load_split, load_tokens, read_header
+from stages.shards import HEADER_BYTES, ShardError, load_split, read_header
 from stages.sptrain import check_vocab
 from tests.conftest import DATA
 
@@ -190,11 +190,13 @@ def published(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory, texts):
+def other_tokenizers(tmp_path_factory, texts):
+    """Two tokenizers that did not make the published shards: 512 pieces, and 1100 (> every id there)."""
     from stages.sptrain import train_sentencepiece
-    path = tmp_path_factory.mktemp("tok") / "small.model"
-    train_sentencepiece(texts[100:400], path, 512)
-    return path
+    paths = {n: tmp_path_factory.mktemp("tok") / f"bpe{n}.model" for n in (512, 1100)}
+    for n, p in paths.items():
+        train_sentencepiece(texts[100:500], p, n)
+    return paths
 
 
 def test_import_takes_published_shards_as_they_are(store, published):
@@ -221,7 +223,7 @@ def corrupt(folder: Path, tmp_path: Path, name: str, fn) -> Path:
     return bad
 
 
-def test_import_refuses_bad_shards_and_mismatched_tokenizers(store, tmp_path, published, small_tokenizer):
+def test_import_refuses_bad_shards_and_mismatched_tokenizers(store, tmp_path, published, other_tokenizers):
     folder, _ = published
 
     def set_header(word: int, value: int):
@@ -254,7 +256,10 @@ def test_import_refuses_bad_shards_and_mismatched_tokenizers(store, tmp_path, pu
         with pytest.raises(err, match=message):
             build(store, mode="import", source=str(bad), workers=1)
     with pytest.raises(tokenize.DataError, match=r"has id \d+, but the tokenizer has only 512 pieces"):
-        build(store, mode="import", source=str(folder), tokenizer=str(small_tokenizer))
+        build(store, mode="import", source=str(folder), tokenizer=str(other_tokenizers[512]))
+    assert spm.SentencePieceProcessor(model_file=str(other_tokenizers[1100])).vocab_size() == 1100
+    with pytest.raises(tokenize.DataError, match=r"does not match the data: only 0 of 32 documents"):
+        build(store, mode="import", source=str(folder), tokenizer=str(other_tokenizers[1100]))
     assert store.keys() == [] and store.incomplete() == []
 
 
@@ -454,3 +459,19 @@ def test_download_errors_name_what_is_missing(store, hub):
     with pytest.raises(tokenize.DataError, match=r"fineweb_train_000000.bin is not there \(RemoteEntryNotFoundError\)"):
         build(store, mode="download", train_shards=1)
     assert store.keys() == [] and store.incomplete() == []
+
+
+def test_parallel_map_keeps_order_and_a_bounded_number_of_tasks_in_flight():
+    from stages.encoding import ordered_map
+    pulled = []
+
+    def tasks():
+        for i in range(40):
+            pulled.append(i)
+            yield -i
+
+    got = []
+    for r in ordered_map(abs, tasks(), workers=2, in_flight=3):
+        assert len(pulled) - len(got) <= 3  # never more than 3 submitted and not yet handed back
+        got.append(r)
+    assert got == list(range(40))
