@@ -475,3 +475,13 @@ def test_parallel_map_keeps_order_and_a_bounded_number_of_tasks_in_flight():
         assert len(pulled) - len(got) <= 3  # never more than 3 submitted and not yet handed back
         got.append(r)
     assert got == list(range(40))
+
+
+def test_bundled_documents_are_the_challenge_files():
+    """The acceptance test's inputs: golf/data/fineweb_sample/docs.jsonl is val_docs_901.jsonl (902 docs)."""
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "fineweb_sample"
+    if not shared.is_dir():
+        pytest.skip("../shared is not beside this checkout")
+    assert tokenize.EMBEDDED_DOCS.read_bytes() == (shared / "val_docs_901.jsonl").read_bytes()
+    assert (DATA / "fineweb_val_000000.bin").read_bytes() == (shared / "fineweb_val_000000.bin").read_bytes()
+    assert tokenize.EMBEDDED_TOKENIZER.read_bytes() == (shared / "fineweb_1024_bpe.model").read_bytes()
