@@ -208,7 +208,9 @@ def plan_key(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact]) -> tuple[st
     digest, per_file = code_digest(stage.module)
     external = fingerprint_external(stage.external(cfg)) if stage.external else {}
     input_keys = {role: inputs[role].key for role in stage.inputs}
-    key = compute_key(stage.name, config_dict(cfg), digest, input_keys, external)
+    # fields a config marks as not affecting the result (process counts, logging cadence) stay out of the key
+    keyed = {k: v for k, v in config_dict(cfg).items() if k not in getattr(stage.config, "NOT_IN_KEY", ())}
+    key = compute_key(stage.name, keyed, digest, input_keys, external)
     identity = {"stage": stage.name, "config": config_dict(cfg), "code_digest": digest,
                 "code_files": per_file, "inputs": input_keys, "external_inputs": external}
     return key, identity

@@ -15,6 +15,8 @@ from artifacts import Stage
 def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
     from artifacts import ArtifactStore, StoreError, run_stage
     from .config import ConfigError, apply_overrides, preset
+    from stages.docs import DataError
+    from stages.shards import ShardError
 
     p = argparse.ArgumentParser(prog=f"python -m stages.{stage.module.rsplit('.', 1)[-1]}",
                                 description=f"Run the {stage.name} stage alone.")
@@ -37,7 +39,7 @@ def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
                 raise ConfigError(f"--input expects ROLE=KEY with ROLE in: {', '.join(stage.inputs)}")
             inputs[role] = store.get(key)
         res = run_stage(stage, getattr(cfg, stage.name), inputs, store, force=a.force)
-    except (ConfigError, StoreError) as e:
+    except (ConfigError, StoreError, DataError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     import os

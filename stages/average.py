@@ -22,7 +22,7 @@ from artifacts import Artifact, Stage, StageContext
 from .model import GPT, ModelConfig
 from .scoring import score_stream
 from .shards import load_tokens
-from .tokenize import Dataset
+from .dataset import Dataset
 
 log = logging.getLogger("golf.average")
 METHODS = ("swa", "ema", "final", "best")

@@ -62,7 +62,7 @@ from artifacts import Artifact, Stage, StageContext
 from .bpb import bits_per_byte, piece_tables
 from .scoring import score_stream
 from .shards import load_split
-from .tokenize import Dataset
+from .dataset import Dataset
 
 log = logging.getLogger("golf.compliance")
 

@@ -26,7 +26,7 @@ from .model import GPT
 from .scoring import score_stream, window_plan
 from .shards import load_split
 from .shipped_eval import load_model
-from .tokenize import Dataset
+from .dataset import Dataset
 
 log = logging.getLogger("golf.eval")
 

@@ -1,70 +1,93 @@
-"""tokenize: documents (jsonl or parquet) -> challenge-format train/val shards, tokenizer included.
+"""tokenize: FineWeb documents (or the challenge's published shards) -> challenge-format train/val shards.
 
-The validation split is the first ``val_docs`` documents in input order, the training split the rest.
-Every document is encoded with the SentencePiece model and written as [BOS] + ids.
+Three modes, one artifact format:
+- ``documents``: jsonl / jsonl.zst / parquet files (a file, a directory or a glob). The validation split
+  is the first ``val_docs`` documents in input order (the challenge: the first 50,000 of its shuffled
+  list), training the rest. Each document is written as [BOS] + ids with a given SentencePiece model, or
+  one trained here on training documents only. Encoding runs on ``workers`` processes, byte-identical
+  to one process.
+- ``import``: a folder of published shards (data/datasets/fineweb10B_sp1024) and its tokenizer,
+  validated and taken as they are.
+- ``download``: fetch the published shards from the Hugging Face Hub, then import them.
 
-Run it alone:  python -m stages.tokenize --set val_docs=60
+Files: dataset.json, fineweb_{val,train}_NNNNNN.bin, tokenizer.model, val_token_bytes.npy (UTF-8 bytes per
+val token), doc_hashes_{val,train}.npy (uint64 per document).
+
+Run it alone:  python -m stages.tokenize --set val_docs=60 --set workers=2
 """
 
 from __future__ import annotations
 
-import glob as _glob
-import hashlib
+import itertools
 import json
 import logging
-import multiprocessing as mp
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from artifacts import Artifact, Stage, StageContext
-from .bpb import piece_tables
-from .shards import MAX_VOCAB, ShardWriter
+from .docs import DataError, iter_chunks, iter_documents, resolve_source
+from .encoding import encode_chunk, init_worker, ordered_map
+from .published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
+    summarise_split, val_byte_counts
+from .dataset import Dataset  # noqa: F401  (re-exported for callers of the old location)
+from .shards import ShardWriter
+from .sptrain import check_vocab, train_sentencepiece
+
+__all__ = ["TokenizeConfig", "DataError", "Dataset", "STAGE", "iter_documents", "EMBEDDED_DOCS",
+           "EMBEDDED_TOKENIZER", "tokenize_documents"]
 
 log = logging.getLogger("golf.tokenize")
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "golf" / "data" / "fineweb_sample"
 EMBEDDED_DOCS = EMBEDDED_DIR / "docs.jsonl"
 EMBEDDED_TOKENIZER = EMBEDDED_DIR / "fineweb_1024_bpe.model"
-BATCH_DOCS = 256  # documents per encode call / per worker task
+MODES = ("documents", "import", "download")
+OVERLAP = ("drop", "error")
 
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    source: str = "embedded"          # 'embedded' (bundled FineWeb sample) or a .jsonl/.parquet file, dir or glob
-    tokenizer: str = "embedded"       # 'embedded' (official sp1024), 'embedded-sp8192', or a SentencePiece .model path
-    val_docs: int = 60                # the first N documents are the validation split (challenge: 50,000)
-    max_docs: int = 0                 # stop after this many documents in all (0 = no limit)
-    tokens_per_shard: int = 100_000_000  # the official export's shard size
-    workers: int = 1                  # encoding processes
+    mode: str = "documents"           # 'documents' (tokenize text), 'import' (a folder of published shards), 'download' (fetch them, then import)
+    source: str = "embedded"          # documents: 'embedded' (bundled sample), a .jsonl/.jsonl.zst/.parquet file, dir or glob; import: the shard folder
+    tokenizer: str = "embedded"       # 'embedded' (official sp1024), 'embedded-sp8192', a SentencePiece .model path, or 'train' (documents: train one here)
+    val_docs: int = 60                # documents: the first N documents are the validation split (challenge: 50,000)
+    max_docs: int = 0                 # documents: stop after this many documents in all (0 = no limit)
+    tokens_per_shard: int = 100_000_000  # documents: shard size (the official export's: 100M tokens)
+    workers: int = 1                  # processes for encoding / shard scanning (output is identical for any number)
+    overlap: str = "drop"             # training docs equal to a val doc: 'drop' them (import: report only) or 'error'
+    sp_vocab_size: int = 1024         # tokenizer=train: pieces of the trained BPE model (challenge: 1024, 4096, 8192)
+    sp_train_docs: int = 20_000       # tokenizer=train: train it on the first N training documents (never val ones)
+    sp_max_doc_bytes: int = 4192      # tokenizer=train: longer documents are left out of training (SentencePiece's and the official default)
+    train_shards: int = 0             # import/download: only the first N training shards (0 = all)
+    link: bool = True                 # import/download: hard-link shards into the store (else copy); source files must not then be edited in place
+    repo_id: str = "willdepueoai/parameter-golf"  # download: the Hugging Face dataset repo of the published shards
+    revision: str = "main"            # download: branch, tag or commit; pin a commit for a reproducible artifact
+    remote_root: str = "datasets"     # download: repo folder holding manifest.json, datasets/ and tokenizers/
+    variant: str = "sp1024"           # download: which tokenization (<remote_root>/datasets/fineweb10B_<variant>)
+    download_dir: str = ""            # download: where files go and stay ('' = the build's resumable scratch, removed after commit)
 
+    NOT_IN_KEY = ("workers",)  # the shards are byte-identical for any number of encoding processes
 
-class DataError(ValueError):
-    """Input documents that cannot be tokenized, with the file and line or row."""
-
-
-def resolve_source(source: str) -> list[Path]:
-    if source == "embedded":
-        return [EMBEDDED_DOCS]
-    p = Path(source)
-    if p.is_dir():
-        files = sorted(x for x in p.iterdir() if x.suffix in (".jsonl", ".parquet"))
-    elif any(c in source for c in "*?["):
-        files = sorted(Path(x) for x in _glob.glob(source))
-    else:
-        files = [p]
-    if not files:
-        raise DataError(f"no .jsonl or .parquet documents found at {source!r}")
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"document file {f} does not exist")
-        if f.suffix not in (".jsonl", ".parquet"):
-            raise DataError(f"{f}: unsupported document format {f.suffix!r} (use .jsonl or .parquet)")
-    return files
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise DataError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.overlap not in OVERLAP:
+            raise DataError(f"overlap must be one of {', '.join(OVERLAP)}, got {self.overlap!r}")
+        if self.val_docs < 1:
+            raise DataError("val_docs must be at least 1")
+        if self.workers < 1:
+            raise DataError("workers must be at least 1")
+        if self.tokens_per_shard < 1:
+            raise DataError("tokens_per_shard must be positive")
+        if self.tokenizer == "train" and self.mode != "documents":
+            raise DataError("tokenizer=train needs mode=documents (published shards come with their tokenizer)")
+        if min(self.max_docs, self.train_shards, self.sp_train_docs) < 0:
+            raise DataError("max_docs, train_shards and sp_train_docs cannot be negative")
 
 
 EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER, "embedded-sp8192": EMBEDDED_DIR / "fineweb_8192_bpe.model"}
@@ -77,184 +100,220 @@ def resolve_tokenizer(tokenizer: str) -> Path:
     return p
 
 
-def iter_documents(files: list[Path]) -> Iterator[str]:
-    """Stream document texts: jsonl line by line, parquet row group by row group."""
-    for f in files:
-        if f.suffix == ".jsonl":
-            with open(f, "rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise DataError(f"{f}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{f}:{lineno}: not valid JSON ({e.msg})") from None
-                    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                        raise DataError(f"{f}:{lineno}: no string field 'text'")
-                    yield obj["text"]
-        else:
-            import pyarrow.parquet as pq
-            pf = pq.ParquetFile(f)
-            if "text" not in pf.schema_arrow.names:
-                raise DataError(f"{f}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
-            for g in range(pf.num_row_groups):
-                for text in pf.read_row_group(g, columns=["text"]).column("text").to_pylist():
-                    if not isinstance(text, str):
-                        raise DataError(f"{f}: row group {g} has a non-string 'text' value")
-                    yield text
-
-
-def batched(it: Iterator[str], n: int, limit: int) -> Iterator[list[str]]:
-    batch, count = [], 0
-    for text in it:
-        if limit and count >= limit:
-            break
-        batch.append(text)
-        count += 1
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-_SP = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _SP
+def load_tokenizer(path: Path):
     import sentencepiece as spm
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise DataError(f"{path}: not a SentencePiece model ({e})") from None
+    check_vocab(sp.vocab_size(), f"tokenizer {path.name}")
+    if sp.bos_id() < 0:
+        raise DataError(f"tokenizer {path} has no BOS piece; the challenge format needs one")
+    return sp
 
 
-def _encode_batch(texts: list[str]) -> tuple[list[np.ndarray], list[bytes], int]:
-    """[BOS] + ids per document, a 64-bit content hash per document, and the batch's UTF-8 bytes."""
-    bos = _SP.bos_id()
-    out, hashes, nbytes = [], [], 0
-    for text, ids in zip(texts, _SP.encode(texts, out_type=int)):
-        arr = np.empty(len(ids) + 1, dtype=np.uint16)
-        arr[0] = bos
-        arr[1:] = ids
-        out.append(arr)
-        raw = text.encode("utf-8")
-        nbytes += len(raw)
-        hashes.append(hashlib.sha256(raw).digest()[:8])
-    return out, hashes, nbytes
+# --- documents -----------------------------------------------------------------------------------
+def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_docs: int, max_docs: int = 0,
+                       tokens_per_shard: int = 100_000_000, workers: int = 1, overlap: str = "drop",
+                       progress: bool = True, pool=None) -> dict:
+    """Encode the documents into shards, hashes and the val byte sidecar in ``out_dir``; return statistics.
+
+    ``pool``: an already started pool of :func:`stages.encoding.init_worker` processes (benchmarks)."""
+    from tqdm import tqdm
+    sp = load_tokenizer(model_path)
+    writers = {s: ShardWriter(out_dir, s, tokens_per_shard) for s in ("val", "train")}
+    hashes: dict[str, list[np.ndarray]] = {"val": [], "train": []}
+    docs = {"val": 0, "train": 0}
+    val_bytes: list[np.ndarray] = []
+    val_sorted = None  # the val hashes, sorted, once the split is complete
+    dropped = text_bytes = 0
+    # a chunk may hold val documents only if fewer than val_docs lines/rows came before it
+    tasks = ((chunk, chunk.before < val_docs) for chunk in iter_chunks(files))
+    results = ordered_map(encode_chunk, tasks, workers, init_worker, (str(model_path),), pool=pool)
+    bar = tqdm(desc="tokenize", unit="B", unit_scale=True, mininterval=1.0, disable=None if progress else True)
+    t0 = time.perf_counter()
+    try:
+        for enc in results:
+            n = len(enc.lengths)
+            if max_docs:
+                n = min(n, max_docs - docs["val"] - docs["train"] - dropped)
+            ends = np.concatenate([[0], np.cumsum(enc.lengths[:n])])
+            n_val = min(max(val_docs - docs["val"], 0), n)
+            if n_val:
+                assert enc.token_bytes is not None, "val documents arrived without byte counts"
+                writers["val"].add(enc.tokens[:ends[n_val]])
+                val_bytes.append(enc.token_bytes[:ends[n_val]])
+                hashes["val"].append(enc.hashes[:n_val])
+                docs["val"] += n_val
+            if n > n_val:
+                if val_sorted is None:
+                    val_sorted = np.sort(np.concatenate(hashes["val"]))
+                h = enc.hashes[n_val:n]
+                keep = ~_member(h, val_sorted)
+                if keep.all():
+                    writers["train"].add(enc.tokens[ends[n_val]:ends[n]])
+                else:
+                    first = docs["val"] + docs["train"] + dropped + int(np.argmin(keep))
+                    if overlap == "error":
+                        raise DataError(f"document {first} (0-based, training split) has the same text as a "
+                                        "validation document (set overlap=drop to leave such documents out)")
+                    for j in np.flatnonzero(keep):
+                        writers["train"].add(enc.tokens[ends[n_val + j]:ends[n_val + j + 1]])
+                    dropped += int((~keep).sum())
+                hashes["train"].append(h[keep])
+                docs["train"] += int(keep.sum())
+            text_bytes += int(enc.doc_bytes[:n].sum())
+            bar.update(int(enc.doc_bytes[:n].sum()))
+            if max_docs and docs["val"] + docs["train"] + dropped >= max_docs:
+                break
+    finally:
+        results.close()  # stops the pool when leaving early
+        bar.close()
+    seconds = time.perf_counter() - t0
+    if docs["val"] == 0:
+        raise DataError(f"no documents in {', '.join(map(str, files))}")
+    if docs["train"] == 0:
+        raise DataError(f"only {docs['val']} documents: nothing left for training after val_docs={val_docs}")
+    if dropped:
+        log.warning("left out %d training documents whose text equals a validation document's", dropped)
+    shards = {s: [p.name for p in w.close()] for s, w in writers.items()}
+    sidecar = np.concatenate(val_bytes)
+    _write_common(out_dir, hashes, sidecar)
+    return {"shards": shards, "docs": docs, "tokens": {s: w.total for s, w in writers.items()},
+            "dropped": dropped, "text_bytes": text_bytes, "seconds": seconds, "vocab_size": sp.vocab_size(),
+            "bos_id": sp.bos_id(), "val_bytes": int(sidecar.sum(dtype=np.int64))}
+
+
+def _member(h: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if not len(sorted_set):
+        return np.zeros(len(h), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_set, h), len(sorted_set) - 1)
+    return sorted_set[i] == h
+
+
+def _write_common(out_dir: Path, hashes: dict[str, list[np.ndarray]], sidecar: np.ndarray) -> None:
+    for split in ("val", "train"):
+        arr = np.concatenate(hashes[split]) if hashes[split] else np.zeros(0, dtype="<u8")
+        np.save(out_dir / f"doc_hashes_{split}.npy", arr.astype("<u8"))
+    np.save(out_dir / "val_token_bytes.npy", sidecar.astype(np.uint16))
+
+
+def build_documents(cfg: TokenizeConfig, ctx: StageContext) -> dict:
+    files = resolve_source(EMBEDDED_DOCS if cfg.source == "embedded" else cfg.source)
+    model = ctx.dir / "tokenizer.model"
+    info: dict = {"mode": "documents", "source": [str(f) for f in files], "doc_hash": "sha256(utf-8 text)[:8]"}
+    if cfg.tokenizer == "train":
+        n = cfg.sp_train_docs if not cfg.max_docs else min(cfg.sp_train_docs, max(cfg.max_docs - cfg.val_docs, 0))
+        # the documents after the validation split, in input order: never a val document
+        sample = itertools.islice(iter_documents(files), cfg.val_docs, cfg.val_docs + n)
+        t0 = time.perf_counter()
+        stats = train_sentencepiece(sample, model, cfg.sp_vocab_size, cfg.sp_max_doc_bytes, threads=cfg.workers)
+        info["tokenizer_training"] = {**stats, "first_doc": cfg.val_docs, "seconds": round(time.perf_counter() - t0, 3)}
+        log.info("trained a %d-piece BPE tokenizer on %d training documents (%d too long, left out)",
+                 cfg.sp_vocab_size, stats["docs"], stats["docs_too_long"])
+    else:
+        shutil.copyfile(resolve_tokenizer(cfg.tokenizer), model)
+    r = tokenize_documents(files, model, ctx.dir, cfg.val_docs, cfg.max_docs, cfg.tokens_per_shard,
+                           cfg.workers, cfg.overlap)
+    info.update({"vocab_size": r["vocab_size"], "bos_id": r["bos_id"], "shards": r["shards"], "docs": r["docs"],
+                 "tokens": r["tokens"], "tokenizer_file": "tokenizer.model", "val_train_overlap": 0,
+                 "train_docs_dropped": r["dropped"]})
+    (ctx.dir / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    mb_s = r["text_bytes"] / 1e6 / max(r["seconds"], 1e-9)
+    log.info("tokenized %d docs (%.1f MB) in %.1f s (%.2f MB/s on %d processes): %d val / %d train tokens",
+             sum(r["docs"].values()), r["text_bytes"] / 1e6, r["seconds"], mb_s, cfg.workers,
+             r["tokens"]["val"], r["tokens"]["train"])
+    return {"vocab_size": r["vocab_size"], "val_docs": r["docs"]["val"], "train_docs": r["docs"]["train"],
+            "val_tokens": r["tokens"]["val"], "train_tokens": r["tokens"]["train"], "val_bytes": r["val_bytes"],
+            "train_docs_dropped": r["dropped"], "text_mb": round(r["text_bytes"] / 1e6, 3),
+            "mb_per_s": round(mb_s, 3), "workers": cfg.workers}
+
+
+# --- import / download ---------------------------------------------------------------------------
+def build_import(cfg: TokenizeConfig, folder: Path, tokenizer: Path, ctx: StageContext, info: dict) -> dict:
+    """Validate a folder of published shards and take it as the artifact (no re-tokenizing)."""
+    from tqdm import tqdm
+    sp = load_tokenizer(tokenizer)
+    vocab, bos = sp.vocab_size(), sp.bos_id()
+    shards = find_shards(folder, cfg.train_shards)
+    t0 = time.perf_counter()
+    tasks = [(str(p), vocab, bos) for split in ("val", "train") for p in shards[split]]
+    scans = list(tqdm(ordered_map(scan_shard, tasks, cfg.workers), total=len(tasks), desc="import",
+                      unit="shard", disable=None))
+    n_val = len(shards["val"])
+    summary: dict[str, SplitSummary] = {"val": summarise_split(shards["val"], scans[:n_val], "val"),
+                                        "train": summarise_split(shards["train"], scans[n_val:], "train")}
+    check_round_trip(shards["val"][0], sp, bos)  # ids < vocab is not enough to tell tokenizers apart
+    hashes = {s: summary[s].hashes for s in summary}
+    val_h = np.sort(np.concatenate(hashes["val"]))
+    train_h = np.concatenate(hashes["train"])
+    overlap = int(_member(train_h, val_h).sum())
+    if overlap and cfg.overlap == "error":
+        raise DataError(f"{folder}: {overlap} training documents have the same tokens as a validation document")
+    if overlap:
+        log.warning("%d training documents of %s equal a validation document (published shards are "
+                    "taken as they are)", overlap, folder)
+    how = {place(p, ctx.dir / p.name, cfg.link) for s in ("val", "train") for p in shards[s]}
+    shutil.copyfile(tokenizer, ctx.dir / "tokenizer.model")
+    sidecar = val_byte_counts(shards["val"], sp)
+    _write_common(ctx.dir, hashes, sidecar)
+    docs = {s: summary[s].docs for s in summary}
+    tokens = {s: summary[s].tokens for s in summary}
+    info.update({"vocab_size": vocab, "bos_id": bos,
+                 "shards": {s: [p.name for p in shards[s]] for s in shards}, "docs": docs, "tokens": tokens,
+                 "tokenizer_file": "tokenizer.model", "doc_hash": "sha256(uint16 token ids)[:8]",
+                 "val_train_overlap": overlap, "train_docs_dropped": 0,
+                 "source": str(folder), "tokenizer_source": str(tokenizer)})
+    (ctx.dir / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    seconds = time.perf_counter() - t0
+    log.info("imported %d val + %d train shards from %s (%s) in %.1f s: %d val / %d train tokens",
+             len(shards["val"]), len(shards["train"]), folder, "/".join(sorted(how)), seconds,
+             tokens["val"], tokens["train"])
+    return {"vocab_size": vocab, "val_docs": docs["val"], "train_docs": docs["train"], "val_tokens": tokens["val"],
+            "train_tokens": tokens["train"], "val_bytes": int(sidecar.sum(dtype=np.int64)),
+            "val_train_overlap": overlap, "val_shards": len(shards["val"]), "train_shards": len(shards["train"]),
+            "import_seconds": round(seconds, 3), "workers": cfg.workers}
+
+
+def build_download(cfg: TokenizeConfig, ctx: StageContext) -> dict:
+    remote = Remote(cfg.repo_id, cfg.revision, cfg.remote_root, cfg.variant)
+    # the default destination, the build's work dir, survives a failed build: a rerun resumes there
+    dest = Path(cfg.download_dir) if cfg.download_dir else ctx.work / "download"
+    t0 = time.perf_counter()
+    got = download(remote, cfg.train_shards, dest)
+    seconds = time.perf_counter() - t0
+    info = {"mode": "download", "repo_id": cfg.repo_id, "revision": cfg.revision, "variant": cfg.variant}
+    metrics = build_import(cfg, got["folder"], got["tokenizer"], ctx, info)
+    return {**metrics, "download_seconds": round(seconds, 3), "files_fetched": got["fetched"],
+            "train_shards_available": got["train_shards_available"]}
 
 
 def build(cfg: TokenizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
-    import sentencepiece as spm
-    from tqdm import tqdm
-
-    files = resolve_source(cfg.source)
-    model_path = resolve_tokenizer(cfg.tokenizer)
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
-    vocab = sp.vocab_size()
-    if vocab > MAX_VOCAB:
-        raise DataError(f"tokenizer has {vocab} pieces; shard ids are uint16 (at most {MAX_VOCAB})")
-    if sp.bos_id() < 0:
-        raise DataError(f"tokenizer {model_path} has no BOS piece; the challenge format needs one")
-    if cfg.val_docs <= 0:
-        raise DataError("val_docs must be at least 1")
-    shutil.copyfile(model_path, ctx.dir / "tokenizer.model")
-
-    writers = {s: ShardWriter(ctx.dir, s, cfg.tokens_per_shard) for s in ("val", "train")}
-    hashes: dict[str, list[bytes]] = {"val": [], "train": []}
-    docs = {"val": 0, "train": 0}
-    text_bytes = 0
-    t0 = time.perf_counter()
-    batches = batched(iter_documents(files), BATCH_DOCS, cfg.max_docs)
-    pool = mp.get_context("spawn").Pool(cfg.workers, _init_worker, (str(model_path),)) if cfg.workers > 1 else None
-    if pool is None:
-        _init_worker(str(model_path))
-    encoded = pool.imap(_encode_batch, batches, chunksize=1) if pool else map(_encode_batch, batches)
-    bar = tqdm(desc="tokenize", unit="doc", mininterval=1.0, disable=None)
-    try:
-        for arrays, doc_hashes, nbytes in encoded:
-            text_bytes += nbytes
-            for arr, h in zip(arrays, doc_hashes):
-                split = "val" if docs["val"] < cfg.val_docs else "train"
-                writers[split].add(arr)
-                hashes[split].append(h)
-                docs[split] += 1
-            bar.update(len(arrays))
-    finally:
-        bar.close()
-        if pool:
-            pool.terminate()
-    seconds = time.perf_counter() - t0
-    if docs["val"] == 0:
-        raise DataError(f"no documents in {cfg.source!r}")
-    if docs["train"] == 0:
-        raise DataError(f"only {docs['val']} documents: nothing left for training after val_docs={cfg.val_docs}")
-
-    shards = {s: [p.name for p in w.close()] for s, w in writers.items()}
-    val_set = set(hashes["val"])
-    overlap = sum(h in val_set for h in hashes["train"])
-    if overlap:
-        # identical texts in both splits would let training see validation content
-        raise DataError(f"{overlap} training documents have the same text as a validation document")
-    for split in ("val", "train"):
-        np.save(ctx.dir / f"doc_hashes_{split}.npy", np.frombuffer(b"".join(hashes[split]), dtype="<u8"))
-
-    # per-token UTF-8 byte counts of the val split: BPB can be computed from them directly
-    from .shards import load_split
-    val_tokens = load_split([ctx.dir / n for n in shards["val"]])
-    base, space, boundary = piece_tables(sp)
-    prev_boundary = np.concatenate([[True], boundary[val_tokens[:-1]]])
-    val_bytes = base[val_tokens] + (space[val_tokens] & ~prev_boundary)
-    np.save(ctx.dir / "val_token_bytes.npy", val_bytes.astype(np.uint16))
-
-    info = {"vocab_size": vocab, "bos_id": sp.bos_id(), "shards": shards, "docs": docs,
-            "tokenizer_file": "tokenizer.model", "source": [str(f) for f in files]}
-    (ctx.dir / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("tokenized %d docs (%.1f MB) in %.1f s: %d val / %d train tokens", sum(docs.values()),
-             text_bytes / 1e6, seconds, writers["val"].total, writers["train"].total)
-    return {"vocab_size": vocab, "val_docs": docs["val"], "train_docs": docs["train"],
-            "val_tokens": writers["val"].total, "train_tokens": writers["train"].total,
-            "val_bytes": int(val_bytes.sum()), "text_mb": round(text_bytes / 1e6, 3),
-            "mb_per_s": round(text_bytes / 1e6 / max(seconds, 1e-9), 3), "workers": cfg.workers}
+    if cfg.mode == "import":
+        return build_import(cfg, Path(cfg.source), resolve_tokenizer(cfg.tokenizer), ctx, {"mode": "import"})
+    if cfg.mode == "download":
+        return build_download(cfg, ctx)
+    return build_documents(cfg, ctx)
 
 
 def external_inputs(cfg: TokenizeConfig) -> dict[str, Path]:
-    files = resolve_source(cfg.source)
+    """Files outside the store the artifact depends on (their fingerprints are part of the key)."""
+    if cfg.mode == "download":
+        return {}  # identified by repo, revision and variant (config)
+    if cfg.mode == "import":
+        folder = Path(cfg.source)
+        if not folder.is_dir():
+            raise DataError(f"shard folder {folder} does not exist")
+        return {"shards": folder, "tokenizer": resolve_tokenizer(cfg.tokenizer)}
+    files = resolve_source(EMBEDDED_DOCS if cfg.source == "embedded" else cfg.source)
     out = {f"documents[{i}]": f for i, f in enumerate(files)}
-    out["tokenizer"] = resolve_tokenizer(cfg.tokenizer)
+    if cfg.tokenizer != "train":
+        out["tokenizer"] = resolve_tokenizer(cfg.tokenizer)
     return out
 
 
 STAGE = Stage(name="tokenize", config=TokenizeConfig, inputs=(), build=build, module=__name__,
               external=external_inputs)
-
-
-# --- reading a tokenize artifact ---------------------------------------------------------------
-@dataclass
-class Dataset:
-    """A tokenize artifact seen from downstream stages."""
-
-    artifact: Artifact
-    info: dict
-
-    @classmethod
-    def open(cls, artifact: Artifact) -> "Dataset":
-        if artifact.stage != "tokenize":
-            raise DataError(f"artifact {artifact.key} is a {artifact.stage} artifact, not tokenize")
-        return cls(artifact, json.loads(artifact.file("dataset.json").read_text()))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.info["vocab_size"]
-
-    def shard_paths(self, split: str) -> list[Path]:
-        return [self.artifact.file(n) for n in self.info["shards"][split]]
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.artifact.file(self.info["tokenizer_file"])
 
 
 if __name__ == "__main__":

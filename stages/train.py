@@ -33,7 +33,7 @@ from .losses import fused_softcap_cross_entropy
 from .model import GPT, ModelConfig, flops_per_token
 from .optim import Muon
 from .shards import load_tokens
-from .tokenize import Dataset
+from .dataset import Dataset
 
 log = logging.getLogger("golf.train")
 
@@ -70,6 +70,9 @@ class TrainConfig:
     fused_loss: str = "auto"       # fuse projection + softcap + cross-entropy: auto (on for cuda) | on | off
     resume_every_s: float = 60.0   # seconds between resumable snapshots in the store's work dir
     log_every: int = 10
+
+
+TrainConfig.NOT_IN_KEY = ("resume_every_s", "log_every")  # bookkeeping only: the same weights either way
 
 
 class TrainingDiverged(RuntimeError):

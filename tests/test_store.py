@@ -170,3 +170,11 @@ def test_store_root_from_environment(monkeypatch, tmp_path):
     assert ArtifactStore().root == (tmp_path / "elsewhere").resolve()
     monkeypatch.delenv("GOLF_STORE")
     assert ArtifactStore().root == (Path(os.getcwd()) / "golf-store").resolve()
+
+
+def test_fields_marked_not_in_key_do_not_change_it():
+    from stages import tokenize
+    a, _ = plan_key(tokenize.STAGE, tokenize.TokenizeConfig(workers=1), {})
+    b, _ = plan_key(tokenize.STAGE, tokenize.TokenizeConfig(workers=4), {})
+    c, _ = plan_key(tokenize.STAGE, tokenize.TokenizeConfig(val_docs=61), {})
+    assert a == b != c
