@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--recurrence", choices=["on", "off"], default="off")
     p.add_argument("--doc-len", type=int, default=1000, help="mean document length of the random tokens")
     p.add_argument("--label", default="")
+    p.add_argument("--eager-embed", action="store_true", help="run the embedding lookup outside the compiled graph")
     p.add_argument("--out", type=Path, default=Path("/tmp/profile"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -39,6 +40,8 @@ def main() -> None:
     dev = torch.device("cuda")
     model = GPT(mcfg).to(dev)
     model.recurrence_active = a.recurrence == "on" and mcfg.has_recurrence
+    if a.eager_embed:  # aten's sort-based embedding backward instead of inductor's atomic scatter-add
+        model.embed.forward = torch.compiler.disable(model.embed.forward)
     if cfg.fused_loss != "off":
         from stages.losses import fused_softcap_cross_entropy
         model.loss_fn = fused_softcap_cross_entropy
