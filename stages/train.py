@@ -67,7 +67,7 @@ class TrainConfig:
     nproc: int = 1                 # processes (GPUs); >1 launches torchrun
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto (on for cuda) | on | off
-    fused_loss: str = "auto"       # fuse projection + softcap + cross-entropy: auto (on for cuda) | on | off
+    fused_loss: str = "auto"       # fuse projection + softcap + cross-entropy: auto (cuda and vocab >= 4096) | on | off
     resume_every_s: float = 60.0   # seconds between resumable snapshots in the store's work dir
     log_every: int = 10
 
@@ -222,7 +222,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
-    if cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and device.type == "cuda"):
+    # measured on an H100: +4% tokens/s at vocab 8192, -9% at vocab 1024 (small logits fuse well anyway)
+    if cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and device.type == "cuda" and mcfg.vocab_size >= 4096):
         model.loss_fn = fused_softcap_cross_entropy
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, schedule=cfg.muon_schedule,
