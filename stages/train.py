@@ -189,6 +189,19 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
 
 
 # --- the training loop ------------------------------------------------------------------------------
+def attention_backend(mcfg: ModelConfig, device: torch.device) -> str:
+    """Which attention kernel the model will use here, and what is installed, for the log and train.json."""
+    import importlib.util
+    installed = [m for m in ("flash_attn_interface", "flash_attn") if importlib.util.find_spec(m)]
+    have = f"flash-attn installed: {', '.join(installed) or 'none'}"
+    if not mcfg.doc_isolation:
+        return f"sdpa causal (documents not isolated); {have}"
+    if device.type == "cuda":
+        # the varlen flash-attn path is not wired in yet: FlexAttention's block mask serves isolation
+        return f"flex_attention with a per-document block mask; {have} (not used)"
+    return f"sdpa with a dense per-document mask (CPU); {have}"
+
+
 def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
     """Train in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -308,6 +321,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         n_params = model.num_params()
         log.info("model %s: %.2fM params; %d processes on %s; grad accumulation %d; compile=%s",
                  mcfg, n_params / 1e6, world, device, grad_accum, use_compile)
+        log.info("attention: %s; fused loss: %s", attention_backend(mcfg, device), hasattr(model, "loss_fn"))
 
     def progress_of(step: int, elapsed: float) -> float:
         p = elapsed / cfg.max_seconds if cfg.max_seconds > 0 else 0.0
@@ -411,6 +425,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             "final_train_loss": float(np.mean([m["loss"] for m in metrics[-10:]])),
             "params": model.num_params(), "world_size": world, "device": str(device.type),
             "grad_accum": grad_accum, "compiled": use_compile, "resumed_from_step": resumed_from,
+            "attention": attention_backend(mcfg, device), "fused_loss": hasattr(model, "loss_fn"),
             "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*.pt")),
             "model_config": dataclasses.asdict(mcfg),
         }
