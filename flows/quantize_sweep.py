@@ -37,6 +37,17 @@ def sweep_row(label: str, q: dict | None, ev: dict | None, error: str | None) ->
             "eval_cached": ev["cached"] if ev else None, "error": error}
 
 
+def format_table(rows: list[dict]) -> str:
+    """The sweep as aligned text: one line per config."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    lines = [f"{'config':<40}{'artifact bytes':>15}{'val_bpb':>10}{'gap':>10}  scheme / error"]
+    for r in rows:
+        lines.append(f"{r['config'][:39]:<40}{num(r['artifact_bytes'], ','):>15}{num(r['val_bpb'], '.4f'):>10}"
+                     f"{num(r['quant_gap_bpb'], '+.5f'):>10}  {r['error'] or r['scheme']}")
+    return "\n".join(lines)
+
+
 @flow(name="golf-quantize-sweep", log_prints=True)
 def quantize_sweep_flow(config: dict, store_root: str, quantize_configs: list[dict],
                         labels: list[str] | None = None) -> dict:
@@ -74,9 +85,5 @@ def quantize_sweep_flow(config: dict, store_root: str, quantize_configs: list[di
         rows.append(sweep_row(label, q, ev, error))
     create_table_artifact(key=TABLE_KEY, table=[{k: "" if v is None else str(v) for k, v in r.items()} for r in rows],
                           description=f"quantize sweep over average {keys['average']}")
-    for r in rows:
-        gap = f"gap {r['quant_gap_bpb']:+.4f}" if r["quant_gap_bpb"] is not None else r["error"] or ""
-        bpb = f"{r['val_bpb']:.4f}" if r["val_bpb"] is not None else "-"
-        nbytes = f"{r['artifact_bytes']:,}" if r["artifact_bytes"] is not None else "-"
-        print(f"{r['config']:<28} {nbytes:>12} bytes  val_bpb {bpb}  {gap}")
+    print(format_table(rows))
     return {"upstream": upstream, "rows": rows}

@@ -92,9 +92,11 @@ def cmd_sweep_quantize(args) -> int:
     if not args.variant:
         raise ConfigError("sweep-quantize needs at least one --variant \"field=value ...\" (quantize fields)")
     variants = [apply_overrides(cfg, [f"quantize.{kv}" for kv in v.split()]).quantize for v in args.variant]
-    from flows.quantize_sweep import quantize_sweep_flow
+    from flows.quantize_sweep import format_table, quantize_sweep_flow
     out = quantize_sweep_flow(config=dc.asdict(cfg), store_root=str(_store(args).root),
                               quantize_configs=[dc.asdict(v) for v in variants], labels=list(args.variant))
+    print()
+    print(format_table(out["rows"]))
     return 1 if any(r["error"] for r in out["rows"]) else 0
 
 

@@ -12,7 +12,6 @@ their held-out loss measured; the best measured wins. Validation data never take
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,9 +86,12 @@ def fit(quantizer, cfg, code_bytes: int, meta: dict, cache: SectionCache, scorer
         # the compressor (and shuffle) each of this group's sections prefers, judged on a middle option
         _, ref_lay = group_layout(g, options[len(options) // 2])
         prefer = {k[1]: (p.method, p.width) for k, p in pack_sections(ref_lay, cache, methods, shuffle).items()}
+        # quantize every option first, then compress them all at once in threads (the codecs release the GIL)
+        built = [(scheme, *group_layout(g, scheme)) for scheme in options]
+        jobs = [(bytes(raw), *prefer[k[1]]) for _, _, lay in built for k, raw in lay.raw.items()]
+        cache.warm(jobs)
         per_group[g] = []
-        for scheme in options:
-            ent, lay = group_layout(g, scheme)
+        for scheme, ent, lay in built:
             packed = {k: cache.get(bytes(raw), *prefer[k[1]]) for k, raw in lay.raw.items()}
             deq = {n: dequantize_entry(t) for n, t in ent.items()}
             errs = [weight_error(state[n], deq[n]) for n in ent]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .quant import BLOB_MAGIC
+from .quant import BLOB_MAGIC, DTYPES
 
 COMPRESSORS = ("zlib", "zstd", "lzma", "brotli")
 NP_CODE = {np.dtype(np.int8): "i8", np.dtype(np.float16): "f16", np.dtype(np.float32): "f32",
@@ -89,11 +89,16 @@ class SectionCache:
         return self._done[key]
 
     def best(self, raw: bytes, methods: list[str], shuffle_widths: list[int]) -> Packed:
-        """The smallest of every method x shuffle choice, tried in parallel threads (the codecs release the GIL)."""
-        combos = [(m, w) for m in methods for w in shuffle_widths]
-        with ThreadPoolExecutor(min(len(combos), os.cpu_count() or 1)) as ex:
-            results = list(ex.map(lambda mw: self.get(raw, *mw), combos))
+        """The smallest of every method x shuffle choice (ties: the earlier compressor in COMPRESSORS)."""
+        results = [self.get(raw, m, w) for m in methods for w in shuffle_widths]
         return min(results, key=lambda p: (len(p.data), COMPRESSORS.index(p.method) if p.method in COMPRESSORS else 9))
+
+    def warm(self, jobs: list[tuple[bytes, str, int]]) -> None:
+        """Compress many (raw, method, width) at once in threads: the codecs release the GIL."""
+        todo = [j for j in jobs if (hashlib.sha1(j[0]).digest(), len(j[0]), j[1], j[2]) not in self._done]
+        if len(todo) > 1:
+            with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1)) as ex:
+                list(ex.map(lambda j: self.get(*j), todo))
 
 
 # --- layout ------------------------------------------------------------------------------------------
@@ -162,9 +167,10 @@ def assemble(index: dict[str, dict], packed: dict[tuple[str, str], Packed], meta
 
 def pack_sections(lay: Layout, cache: SectionCache, methods: list[str], shuffle: bool | None) -> dict:
     """Compress every section: one method, or the smallest of several; byte shuffle on, off, or tried (None)."""
-    out = {}
+    choices = {}
     for key, raw in lay.raw.items():
-        width = np.dtype({"i8": np.int8, "f16": np.float16, "f32": np.float32, "i32": np.int32}[key[1]]).itemsize
+        width = np.dtype(DTYPES[key[1]]).itemsize
         widths = [1] if width == 1 or shuffle is False else ([width] if shuffle else [1, width])
-        out[key] = cache.best(bytes(raw), methods, widths)
-    return out
+        choices[key] = (bytes(raw), widths)
+    cache.warm([(raw, m, w) for raw, widths in choices.values() for m in methods for w in widths])
+    return {key: cache.best(raw, methods, widths) for key, (raw, widths) in choices.items()}

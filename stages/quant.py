@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 BLOB_MAGIC = b"GOLFQ2"
-DTYPES = {"i8": np.int8, "f16": np.float16, "f32": np.float32, "u16": np.uint16, "i32": np.int32}
+DTYPES = {"i8": np.int8, "f16": np.float16, "f32": np.float32, "i32": np.int32}
 
 
 class BlobError(ValueError):

@@ -71,9 +71,12 @@ def test_byte_shuffle_round_trips(n, width):
 def test_best_compressor_is_never_larger_than_any_single_one():
     w = heavy_tailed(128, 128)
     entries = {"w": quantize_matrix(w, 6, "sd:12.85"), "s": {"float": torch.randn(300).half()}}
-    best = len(blob_of(entries, available_compressors(), None))
-    for m in available_compressors():
-        assert best <= len(blob_of(entries, [m], False))
+    lay = layout(entries, {"w": "g", "s": "float"})
+
+    def section_bytes(methods, sh):
+        return sum(len(p.data) for p in pack_sections(lay, SectionCache(), methods, sh).values())
+    best = section_bytes(available_compressors(), None)
+    assert all(best <= section_bytes([m], sh) for m in available_compressors() for sh in (False, True))
 
 
 def test_corrupt_or_foreign_blobs_fail_with_blob_error():
@@ -190,7 +193,7 @@ def test_cap_fit_picks_a_candidate_under_a_small_cap_and_fails_clearly_when_none
     int8 = run_quantize(pipeline_run).artifact.metrics["artifact_bytes"]
     grid = dict(mode="fit", fit_bits="4,8", fit_clips="sd:12.85,pct:99.99984", heldout_tokens=2048, fit_verify_top=2,
                 compressor="zlib", fit_margin_bytes=1000)
-    res = run_quantize(pipeline_run, cap_bytes=int8 - 1, **grid)
+    res = run_quantize(pipeline_run, cap_bytes=int8 - 1, fit_val_bpb=True, fit_val_tokens=4096, **grid)
     art = res.artifact
     m = art.metrics
     assert m["artifact_bytes"] <= int8 - 1 - 1000 and m["fit_candidates"] == 4 ** 3
@@ -202,6 +205,9 @@ def test_cap_fit_picks_a_candidate_under_a_small_cap_and_fails_clearly_when_none
     # the chosen one has the lowest measured held-out loss of the verified ones that fit
     measured = [r["heldout_loss"] for r in rows if r.get("verified") and r["fits"]]
     assert chosen[0]["heldout_loss"] == min(measured)
+    # val_bpb is reported for the verified rows when asked (never used to choose)
+    assert all(1.0 < r["val_bpb"] < 6.0 for r in rows if r.get("verified") and r["fits"])
+    assert "val_bpb" not in [k for r in rows if not r.get("verified") for k in r] and report["pre_quant_val_bpb"] > 1.0
     assert "| embed | attn | mlp | artifact bytes |" in art.file("candidates.md").read_text()
     assert set(report["groups"]) == {"embed", "attn", "mlp"} and len(report["groups"]["mlp"]) == 4
     with pytest.raises(CapFitError, match=r"no candidate fits the target of 39,000 bytes .* over, with"):
@@ -249,4 +255,5 @@ def test_sweep_flow_maps_quantize_and_eval_and_publishes_one_table(pipeline_run)
     assert rows["tiny cap"]["val_bpb"] is None and "over the cap" in rows["tiny cap"]["error"]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[TABLE_KEY])))
-    assert arts and len(arts[-1].data) == 3
+    table = json.loads(arts[-1].data) if isinstance(arts[-1].data, str) else arts[-1].data
+    assert [r["config"] for r in table] == ["int8", "int6 sd", "tiny cap"] and "over the cap" in table[2]["error"]
