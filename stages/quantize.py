@@ -284,6 +284,13 @@ def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, ds:
         scorer = None
         if cfg.heldout_tokens > 0:
             scorer = HeldoutScorer(model_cfg, heldout_tokens(ds, cfg.heldout_tokens), cfg.seq_len, device)
+            # calibration reads the head of the train stream, the held-out slice its tail: they must not meet
+            total = sum(len(load_tokens(p)) for p in ds.shard_paths("train"))
+            calib = cfg.calib_seqs * cfg.seq_len if H is not None else 0
+            if calib + cfg.heldout_tokens + 1 > total:
+                raise ValueError(f"quantize: calibration ({calib:,} tokens) and the held-out slice "
+                                 f"({cfg.heldout_tokens:,}) overlap in {total:,} train tokens; lower calib_seqs "
+                                 f"or heldout_tokens")
         val = val_reporter(ds, model_cfg, cfg, device) if cfg.fit_val_bpb else None
         fit_result = fit(quantizer, cfg, code_bytes, meta, cache, scorer, val)
         schemes = fit_result.chosen
