@@ -5,6 +5,7 @@
     golf artifacts ls | show KEY | verify KEY | path KEY
     golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
+    golf sweep-quantize [--preset ...] [--set ...] --variant "bits=6 clip=sd:12.85" --variant ...
 """
 
 from __future__ import annotations
@@ -81,6 +82,24 @@ def cmd_run(args) -> int:
     print_summary(summaries, time.perf_counter() - t0)
     verdict = next((s["metrics"].get("verdict") for s in summaries if s["stage"] == "compliance"), None)
     return EXIT_COMPLIANCE_FAIL if verdict == "FAIL" else 0
+
+
+def cmd_sweep_quantize(args) -> int:
+    """quantize + eval for several quantize variants of one config; upstream stages from the store."""
+    import dataclasses as dc
+    from .config import ConfigError, apply_overrides
+    from .pipeline import preflight
+    cfg = _config(args)
+    preflight(cfg)
+    if not args.variant:
+        raise ConfigError("sweep-quantize needs at least one --variant \"field=value ...\" (quantize fields)")
+    variants = [apply_overrides(cfg, [f"quantize.{kv}" for kv in v.split()]).quantize for v in args.variant]
+    from flows.quantize_sweep import format_table, quantize_sweep_flow
+    out = quantize_sweep_flow(config=dc.asdict(cfg), store_root=str(_store(args).root),
+                              quantize_configs=[dc.asdict(v) for v in variants], labels=list(args.variant))
+    print()
+    print(format_table(out["rows"]))
+    return 1 if any(r["error"] for r in out["rows"]) else 0
 
 
 def cmd_config(args) -> int:
@@ -183,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config")
     config_args(c)
     c.set_defaults(fn=cmd_config)
+    sw = sub.add_parser("sweep-quantize", help="quantize + eval several quantize variants of one trained model")
+    config_args(sw)
+    sw.add_argument("--variant", action="append", metavar='"FIELD=VALUE ..."',
+                    help="quantize fields of one variant, space-separated; repeatable")
+    sw.set_defaults(fn=cmd_sweep_quantize)
     a = sub.add_parser("artifacts", help="list and inspect artifacts")
     a.add_argument("action", choices=["ls", "show", "verify", "path"])
     a.add_argument("key", nargs="?", help="artifact key or unique prefix")

@@ -45,7 +45,8 @@ def tiny() -> PipelineConfig:
                           muon_momentum_warmup_steps=50, warmup_steps=5, warmdown_frac=0.3, ema_decay=0.98,
                           swa_every=5, resume_every_s=20.0, log_every=5),
         average=AverageConfig(method="best", heldout_tokens=16384),
-        quantize=QuantizeConfig(keep_float_max_numel=1024),  # the tiny model's matrices are 16K elements
+        quantize=QuantizeConfig(keep_float_max_numel=1024,  # the tiny model's matrices are 16K elements
+                                seq_len=256, calib_seqs=32, heldout_tokens=16384),
         eval=EvalConfig(seq_len=256, stride=0, batch_seqs=64),
     )
 

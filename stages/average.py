@@ -1,7 +1,9 @@
 """average: one set of weights from a training run: SWA over warmdown checkpoints, EMA, or final.
 
-Every candidate (final, EMA, SWA) is scored on a held-out slice of *training* data (the tail of the
-last train shard), never on validation data, so ``method=best`` picks by data without peeking.
+The SWA window (first step, stride, count) is config, so a new window is a new average artifact
+built from the same train artifact, without retraining. Every candidate (final, EMA, SWA) is scored
+on a held-out slice of *training* data (the tail of the last train shard), never on validation data,
+so ``method=best`` picks by data without peeking.
 
 Run it alone:  python -m stages.average --input train=KEY --input tokenize=KEY --set method=swa
 """
@@ -31,10 +33,29 @@ METHODS = ("swa", "ema", "final", "best")
 @dataclass(frozen=True)
 class AverageConfig:
     method: str = "best"        # swa | ema | final | best (lowest held-out loss among those available)
-    swa_last: int = 0           # average only the last K warmdown checkpoints (0 = all of them)
+    swa_start_step: int = 0     # SWA window: only checkpoints saved at or after this step (0 = from the first)
+    swa_stride: int = 1         # SWA window: every k-th checkpoint of the window (1 = each one saved)
+    swa_last: int = 0           # SWA window: at most the last K of those (0 = all of them)
     swa_include_final: bool = True  # the final weights join the SWA average
     heldout_tokens: int = 65536  # tokens of training data used to compare the candidates
     heldout_seq_len: int = 0    # window for that comparison (0 = the training seq_len)
+
+
+def checkpoint_step(name: str) -> int:
+    """checkpoints/step_000150.pt -> 150."""
+    try:
+        return int(Path(name).stem.rpartition("_")[2])
+    except ValueError:
+        raise ValueError(f"average: cannot read a step number from checkpoint {name!r}") from None
+
+
+def swa_window(names: list[str], cfg: AverageConfig) -> list[str]:
+    """The checkpoints SWA averages: from swa_start_step, every swa_stride-th, the last swa_last."""
+    if cfg.swa_stride < 1:
+        raise ValueError(f"average.swa_stride must be >= 1, not {cfg.swa_stride}")
+    picked = sorted((n for n in names if checkpoint_step(n) >= cfg.swa_start_step), key=checkpoint_step)
+    picked = picked[::-1][::cfg.swa_stride][::-1]  # keep the latest checkpoint whatever the stride
+    return picked[-cfg.swa_last:] if cfg.swa_last else picked
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -67,10 +88,11 @@ def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext)
     candidates: dict[str, dict] = {"final": final}
     if "ema.pt" in train_art.manifest["files"]:
         candidates["ema"] = load_state(train_art.file("ema.pt"))
-    ckpts = train_art.files("checkpoints/")
-    if cfg.swa_last:
-        ckpts = ckpts[-cfg.swa_last:]
+    ckpts = swa_window(train_art.files("checkpoints/"), cfg)
     swa_members = list(ckpts)
+    if cfg.method == "swa" and not ckpts and not cfg.swa_include_final:
+        raise ValueError(f"average: the SWA window (swa_start_step={cfg.swa_start_step}, swa_stride={cfg.swa_stride}, "
+                         f"swa_last={cfg.swa_last}) selects none of the {len(train_art.files('checkpoints/'))} checkpoints")
     if ckpts or cfg.method == "swa":
         states = [load_state(train_art.file(c)) for c in ckpts]
         if cfg.swa_include_final:

@@ -1,15 +1,20 @@
-"""Quantized weight format: per-row integer quantization, packing, compression, and the way back.
+"""The weights blob, decoding side: checksum, per-section decompression, dequantization (shipped code).
 
-Shipped with the artifact (the evaluator needs ``decode_weights``), so it depends on torch, numpy
-and the standard library, plus zstandard or brotli only when the blob was made with them.
+Shipped with the artifact (the evaluator calls ``decode_weights``), so it depends on torch, numpy and
+the standard library, plus zstandard or brotli only when a section of the blob was made with them.
+The encoding side (compressors, clip search, GPTQ) lives in ``stages.qpack`` and ``stages.gptq``,
+which do not ship.
 
-Blob layout: b"GOLFQ1" | u32 header length | JSON header | compressed payload. The header names the
-compressor and, per tensor, its shape, scheme ("int" with bits, or "float16"/"float32") and the byte
-ranges of its values and scales inside the decompressed payload.
+Blob layout: b"GOLFQ2" | u32 header length | 8-byte sha256 prefix of everything after it |
+zlib-compressed JSON header | sections. The header lists the sections (compressor, byte-shuffle
+width, compressed length) and, per tensor, its scheme and where its arrays lie: ``[section, offset,
+bytes]`` inside the decompressed section. Integer tensors hold per-row int8 values and float16
+scales, optionally a stored row order and low-rank correction factors (themselves integer tensors).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import lzma
 import struct
@@ -18,46 +23,12 @@ import zlib
 import numpy as np
 import torch
 
-BLOB_MAGIC = b"GOLFQ1"
+BLOB_MAGIC = b"GOLFQ2"
+DTYPES = {"i8": np.int8, "f16": np.float16, "f32": np.float32, "i32": np.int32}
 
 
 class BlobError(ValueError):
     """A weights blob that cannot be decoded (truncated, corrupted or of another format)."""
-
-
-def quantize_rows(w: torch.Tensor, bits: int, clip_percentile: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row quantization of a 2-D tensor: int8 values in [-qmax, qmax] and fp16 scales."""
-    assert w.ndim == 2, w.shape
-    qmax = 2 ** (bits - 1) - 1
-    w = w.float()
-    a = w.abs()
-    if clip_percentile >= 100.0:
-        clip = a.amax(dim=1)
-    else:
-        clip = torch.quantile(a, clip_percentile / 100.0, dim=1)
-    scale = (clip / qmax).clamp_min(1e-12).to(torch.float16)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale.float()[:, None]
-
-
-def compress(data: bytes, method: str, level: int) -> bytes:
-    if method == "zlib":
-        return zlib.compress(data, level)
-    if method == "lzma":
-        return lzma.compress(data, preset=min(level, 9) | lzma.PRESET_EXTREME)
-    if method == "zstd":
-        import zstandard
-        return zstandard.ZstdCompressor(level=level).compress(data)
-    if method == "brotli":
-        import brotli
-        return brotli.compress(data, quality=min(level, 11))
-    if method == "none":
-        return data
-    raise ValueError(f"unknown compressor {method!r} (zlib, lzma, zstd, brotli, none)")
 
 
 def decompress(data: bytes, method: str) -> bytes:
@@ -76,55 +47,68 @@ def decompress(data: bytes, method: str) -> bytes:
     raise BlobError(f"unknown compressor {method!r}")
 
 
-def encode_weights(tensors: dict[str, dict], meta: dict, method: str, level: int) -> bytes:
-    """Pack {name: {"q": int8, "scale": fp16} or {"float": tensor}} and compress into one blob."""
-    chunks, index, offset = [], {}, 0
+def unshuffle(data: bytes, width: int) -> bytes:
+    """Invert the byte shuffle: the k-th bytes of all elements were stored together, k = 0..width-1."""
+    if width <= 1:
+        return data
+    n = len(data) // width * width
+    return np.frombuffer(data, np.uint8, n).reshape(width, -1).T.tobytes() + data[n:]
 
-    def put(arr: np.ndarray) -> list[int]:
-        nonlocal offset
-        raw = np.ascontiguousarray(arr).tobytes()
-        chunks.append(raw)
-        span = [offset, len(raw)]
-        offset += len(raw)
-        return span
 
-    for name, t in tensors.items():
-        if "q" in t:
-            index[name] = {"scheme": "int", "bits": t["bits"], "shape": list(t["q"].shape),
-                           "values": put(t["q"].numpy()), "scales": put(t["scale"].numpy())}
-        else:
-            f = t["float"]
-            dtype = "float16" if f.dtype == torch.float16 else "float32"
-            index[name] = {"scheme": dtype, "shape": list(f.shape), "values": put(f.numpy())}
-    header = json.dumps({"compressor": method, "meta": meta, "tensors": index}).encode()
-    payload = compress(b"".join(chunks), method, level)
-    return BLOB_MAGIC + struct.pack("<I", len(header)) + header + payload
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def dequantize_entry(t: dict) -> torch.Tensor:
+    """One integer tensor back to float32: values x row scales, rows put back in order, plus A @ B."""
+    w = dequantize_rows(t["q"], t["scale"])
+    if t.get("perm") is not None:
+        out = torch.empty_like(w)
+        out[t["perm"].long()] = w
+        w = out
+    if t.get("lqer") is not None:
+        at, b = (dequantize_entry(f) for f in t["lqer"])  # A is stored transposed: r rows, r scales
+        w = w + at.T @ b
+    return w
 
 
 def decode_weights(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     """The dequantized float32 state dict and the metadata stored with it."""
     if blob[:6] != BLOB_MAGIC:
-        raise BlobError("not a golf weights blob (bad magic)")
+        raise BlobError("not a golf weights blob (bad magic" + (", an older GOLFQ1 blob)" if blob[:6] == b"GOLFQ1" else ")"))
+    if len(blob) < 18:
+        raise BlobError(f"weights blob is truncated ({len(blob)} bytes)")
+    if hashlib.sha256(blob[18:]).digest()[:8] != blob[10:18]:
+        raise BlobError("weights blob is corrupt (checksum mismatch: truncated or altered bytes)")
     try:
         (hlen,) = struct.unpack("<I", blob[6:10])
-        header = json.loads(blob[10:10 + hlen])
-        payload = decompress(blob[10 + hlen:], header["compressor"])
+        header = json.loads(zlib.decompress(blob[18:18 + hlen]))
+        pos, sections = 18 + hlen, []
+        for method, width, n in header["sections"]:
+            sections.append(unshuffle(decompress(blob[pos:pos + n], method), width))
+            pos += n
     except BlobError:
         raise
-    except Exception as e:  # truncated or corrupted: every decoder raises its own type
+    except Exception as e:  # every decoder raises its own type
         raise BlobError(f"weights blob is corrupt ({type(e).__name__}: {e})") from None
+
+    def array(ref: list, dtype: str, shape) -> torch.Tensor:
+        sec, lo, n = ref
+        size = np.dtype(DTYPES[dtype]).itemsize
+        if sec >= len(sections) or lo + n > len(sections[sec]) or n % size:
+            raise BlobError(f"weights blob header points outside section {sec}")
+        return torch.from_numpy(np.frombuffer(sections[sec], DTYPES[dtype], n // size, lo).reshape(shape).copy())
+
+    def entry(t: dict) -> dict:
+        rows = t["shape"][0]
+        return {"q": array(t["q"], "i8", t["shape"]), "scale": array(t["sc"], "f16", [rows]),
+                "perm": array(t["perm"], "i32", [rows]) if "perm" in t else None,
+                "lqer": [entry(f) for f in t["lqer"]] if "lqer" in t else None}
+
     out = {}
     for name, t in header["tensors"].items():
-        lo, n = t["values"]
-        if lo + n > len(payload):
-            raise BlobError(f"weights blob is truncated at tensor {name}")
-        if t["scheme"] == "int":
-            q = torch.from_numpy(np.frombuffer(payload, dtype=np.int8, count=n, offset=lo).reshape(t["shape"]).copy())
-            slo, sn = t["scales"]
-            s = torch.from_numpy(np.frombuffer(payload, dtype=np.float16, count=sn // 2, offset=slo).copy())
-            out[name] = dequantize_rows(q, s)
+        if t["s"] == "int":
+            out[name] = dequantize_entry(entry(t))
         else:
-            dt = np.float16 if t["scheme"] == "float16" else np.float32
-            arr = np.frombuffer(payload, dtype=dt, count=n // np.dtype(dt).itemsize, offset=lo)
-            out[name] = torch.from_numpy(arr.reshape(t["shape"]).astype(np.float32))
+            out[name] = array(t["v"], t["s"], t["shape"]).float()
     return out, header["meta"]

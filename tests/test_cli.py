@@ -74,12 +74,13 @@ def test_config_command_shows_overrides(capsys):
 def test_stage_runs_standalone_from_its_module(pipeline_run, tmp_path):
     """python -m stages.quantize with --input, outside Prefect, reusing the shared run's average artifact."""
     store, _, results = pipeline_run
-    avg = results["average"].artifact.key
+    avg, tok = results["average"].artifact.key, results["tokenize"].artifact.key
     proc = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root), "--input",
-                           f"average={avg}", "--set", "bits=5", "--set", "keep_float_max_numel=1024"],
+                           f"average={avg}", "--input", f"tokenize={tok}", "--set", "bits=5",
+                           "--set", "keep_float_max_numel=1024"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert '"stage": "quantize"' in proc.stdout and '"cached": false' in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root), "--input",
-                          "average=average-missing"], capture_output=True, text=True, timeout=300)
+                          "average=average-missing", "--input", f"tokenize={tok}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no artifact" in bad.stderr

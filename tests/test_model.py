@@ -126,7 +126,7 @@ def test_muon_variants_train_a_small_model():
         opt = Muon(mats, lr=0.02, **kw)
         idx = tokens_with_docs()
         losses = []
-        for _ in range(15):
+        for _ in range(8):
             loss = model(idx[:, :-1], idx[:, 1:])
             loss.backward()
             opt.step()

@@ -1,0 +1,89 @@
+"""The quantize sweep: several quantize configs over one trained model, quantize + eval mapped in parallel.
+
+tokenize, train and average run through the same stage task as the pipeline (cache hits when the
+store has them); quantize is mapped over the configs as parallel Prefect tasks, each followed by its
+eval; one table artifact compares them (bytes, val_bpb, the quantization gap). A config that fails
+(over the cap, say) gets a row with its error instead of stopping the others.
+
+    golf sweep-quantize --preset tiny --variant "bits=6 clip=sd:12.85" --variant "method=gptq bits=6"
+"""
+
+from __future__ import annotations
+
+from golf.prefect_env import configure_prefect
+
+configure_prefect()
+
+from prefect import flow, unmapped  # noqa: E402  (the environment must be set before prefect is imported)
+from prefect.artifacts import create_table_artifact  # noqa: E402
+
+from flows.pipeline import stage_task  # noqa: E402
+from golf.config import PipelineConfig, config_from_dict  # noqa: E402
+from golf.pipeline import STAGE_BY_NAME  # noqa: E402
+from stages.quantize import QuantizeConfig  # noqa: E402
+
+UPSTREAM = ("tokenize", "train", "average")
+TABLE_KEY = "golf-quantize-sweep"
+
+
+def sweep_row(label: str, q: dict | None, ev: dict | None, error: str | None) -> dict:
+    qm = q["metrics"] if q else {}
+    em = ev["metrics"] if ev else {}
+    return {"config": label, "scheme": qm.get("scheme", ""), "artifact_bytes": qm.get("artifact_bytes"),
+            "weights_bytes": qm.get("weights_bytes"), "code_bytes": qm.get("code_bytes"), "fits": qm.get("fits"),
+            "val_bpb": em.get("val_bpb"), "pre_quant_val_bpb": em.get("pre_quant_val_bpb"),
+            "quant_gap_bpb": em.get("quant_gap_bpb"), "calibration_seconds": qm.get("calibration_seconds"),
+            "quantize_key": q["key"] if q else None, "quantize_cached": q["cached"] if q else None,
+            "eval_cached": ev["cached"] if ev else None, "error": error}
+
+
+def format_table(rows: list[dict]) -> str:
+    """The sweep as aligned text: one line per config."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    lines = [f"{'config':<40}{'artifact bytes':>15}{'val_bpb':>10}{'gap':>10}  scheme / error"]
+    for r in rows:
+        lines.append(f"{r['config'][:39]:<40}{num(r['artifact_bytes'], ','):>15}{num(r['val_bpb'], '.4f'):>10}"
+                     f"{num(r['quant_gap_bpb'], '+.5f'):>10}  {r['error'] or r['scheme']}")
+    return "\n".join(lines)
+
+
+@flow(name="golf-quantize-sweep", log_prints=True)
+def quantize_sweep_flow(config: dict, store_root: str, quantize_configs: list[dict],
+                        labels: list[str] | None = None) -> dict:
+    """Upstream once (from the store when it can be), then quantize + eval for every quantize config."""
+    config_from_dict(PipelineConfig, config)  # refuse unknown keys before anything runs
+    for q in quantize_configs:
+        config_from_dict(QuantizeConfig, q)
+    labels = labels or [f"config {i}" for i in range(len(quantize_configs))]
+    keys, upstream = {}, []
+    for name in UPSTREAM:
+        s = stage_task(name, config[name], {r: keys[r] for r in STAGE_BY_NAME[name].inputs}, store_root)
+        keys[name] = s["key"]
+        upstream.append(s)
+        print(f"{name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
+
+    q_inputs = {r: keys[r] for r in STAGE_BY_NAME["quantize"].inputs}
+    q_futures = stage_task.map(unmapped("quantize"), quantize_configs, unmapped(q_inputs), unmapped(store_root))
+    pending = []
+    for label, fut in zip(labels, q_futures):
+        try:
+            q = fut.result()
+        except Exception as e:  # one config's failure (over the cap, bad clip) is a row, not the end
+            pending.append((label, None, None, f"{type(e).__name__}: {e}"))
+            continue
+        ev_inputs = {"quantize": q["key"], "average": keys["average"], "tokenize": keys["tokenize"]}
+        pending.append((label, q, stage_task.submit("eval", config["eval"], ev_inputs, store_root), None))
+    rows = []
+    for label, q, ev_future, error in pending:
+        ev = None
+        if ev_future is not None:
+            try:
+                ev = ev_future.result()
+            except Exception as e:
+                error = f"eval: {type(e).__name__}: {e}"
+        rows.append(sweep_row(label, q, ev, error))
+    create_table_artifact(key=TABLE_KEY, table=[{k: "" if v is None else str(v) for k, v in r.items()} for r in rows],
+                          description=f"quantize sweep over average {keys['average']}")
+    print(format_table(rows))
+    return {"upstream": upstream, "rows": rows}
