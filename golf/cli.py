@@ -1,7 +1,7 @@
 """The ``golf`` command.
 
     golf run [--preset tiny] [--set stage.field=value ...] [--force STAGE ...] [--no-prefect]
-    golf config [--preset NAME] [--set ...]          the resolved config, one line per field
+    golf config [--preset NAME] [--set ...] [--json [STAGE]]   the resolved config, one line per field (or JSON)
     golf artifacts ls | show KEY | verify KEY | path KEY
     golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
@@ -86,8 +86,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import flatten
-    for k, v in flatten(_config(args)).items():
+    from .config import ConfigError, flatten
+    cfg = _config(args)
+    if args.json is not None:  # a deployment's parameters: the whole config or one stage's section
+        if args.json and args.json not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"--json {args.json}: not a stage; stages: {', '.join(f.name for f in dataclasses.fields(cfg))}")
+        print(json.dumps(dataclasses.asdict(getattr(cfg, args.json) if args.json else cfg)))
+        return 0
+    for k, v in flatten(cfg).items():
         print(f"{k} = {v!r}")
     return 0
 
@@ -205,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("config", help="print the resolved config")
     config_args(c)
+    c.add_argument("--json", nargs="?", const="", metavar="STAGE",
+                   help="print it as JSON (only STAGE's section if given): a deployment's parameters")
     c.set_defaults(fn=cmd_config)
     a = sub.add_parser("artifacts", help="list and inspect artifacts")
     a.add_argument("action", choices=["ls", "show", "verify", "path"])

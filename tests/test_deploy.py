@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -190,10 +191,10 @@ def server(tmp_path_factory):
         _stop(proc)
 
 
-def _run(cmd: list[str], env: dict, timeout: float = 180) -> str:
+def _run(cmd: list[str], env: dict, timeout: float = 180, stdout_only: bool = False) -> str:
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return p.stdout + p.stderr
+    return p.stdout if stdout_only else p.stdout + p.stderr
 
 
 def _client(url: str):
@@ -285,20 +286,19 @@ def test_golf_serve_runs_eval_only_from_this_process(server, store_copy, tmp_pat
             proc = subprocess.Popen([sys.executable, "-m", "golf.cli", "--store", str(store.root), "serve",
                                      "--only", "eval-only", "--limit", "1"], env=env, cwd=ROOT, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-        settings, get_client = _client(url)
         deadline = time.monotonic() + 120
-        with settings, get_client(sync_client=True) as c:
-            while True:  # `golf serve` registers its deployment, then says it is serving
-                if "being served" in _tail(log, 100_000):
-                    dep = c.read_deployment_by_name("golf-eval-only/eval-only")
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"golf serve did not register its deployment:\n{_tail(log)}")
-                time.sleep(1)
-            ev = dataclasses.asdict(cfg.eval) | {"stride": 128}
-            run = c.create_flow_run_from_deployment(dep.id, parameters={"quantize_key": keys["quantize"], "eval": ev,
-                                                                        "until": "eval"})
-        final = _wait_final(url, run.id)
+        while "being served" not in _tail(log, 100_000):  # `golf serve` has registered its deployment
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"golf serve did not register its deployment:\n{_tail(log)}")
+            time.sleep(1)
+        # the README's way: a stage's section from `golf config --json`, the run from Prefect's CLI
+        ev = json.loads(_run([sys.executable, "-m", "golf.cli", "config", "--set", "eval.max_tokens=8192",
+                              "--set", "eval.stride=128", "--json", "eval"], env, stdout_only=True))
+        assert ev == dataclasses.asdict(cfg.eval) | {"stride": 128}
+        out = _run([sys.executable, "-m", "prefect", "deployment", "run", "golf-eval-only/eval-only", "--params",
+                    json.dumps({"quantize_key": keys["quantize"][:14], "eval": ev, "until": "eval"})], env)
+        run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
+        final = _wait_final(url, run_id)
         assert final.state.is_completed(), f"{final.state}\n{_tail(log)}"
     finally:
         _stop(proc)
