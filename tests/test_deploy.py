@@ -74,6 +74,7 @@ def test_prefect_yaml_errors_are_one_line(tmp_path):
         load_specs(bad)
     with pytest.raises(DeployError, match="no deployment 'nope'"):
         select(load_specs(), ["nope"])
+    assert main(["config", "--json", "quantiz"]) == 2  # a section that is not a stage
     from prefect.settings import PREFECT_API_URL, temporary_settings
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server configured: deploy refuses at once
         assert main(["--store", str(tmp_path), "deploy", "--only", "eval-only"]) == 2
