@@ -9,6 +9,8 @@ table artifact with the stage's key, files and metrics for the Prefect UI.
 
 from __future__ import annotations
 
+import dataclasses
+
 from golf.prefect_env import configure_prefect
 
 configure_prefect()
@@ -18,8 +20,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from artifacts import ArtifactStore, run_stage  # noqa: E402
-from golf.config import PipelineConfig, config_from_dict  # noqa: E402
+from artifacts.store import default_root  # noqa: E402
+from golf.config import DEFAULT_PRESET, PipelineConfig, config_from_dict, preset  # noqa: E402
 from golf.pipeline import STAGE_BY_NAME, STAGES, check_stage_names  # noqa: E402
+
+
+DEFAULT_CONFIG = preset(DEFAULT_PRESET)  # what a deployment's form shows until `golf deploy --preset` sets another
 
 
 def _slug(text: str) -> str:
@@ -50,16 +56,25 @@ def stage_task(stage_name: str, config: dict, input_keys: dict[str, str], store_
 
 
 @flow(name="golf-pipeline", log_prints=True)
-def pipeline_flow(config: dict, store_root: str, force: list[str] | None = None,
+def pipeline_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str = "", force: list[str] | None = None,
                   until: str | None = None) -> list[dict]:
-    """The whole pipeline on one config: tokenize, train, average, quantize, eval, compliance."""
-    config_from_dict(PipelineConfig, config)  # refuse unknown keys before anything runs
+    """The whole pipeline on one config: tokenize, train, average, quantize, eval, compliance.
+
+    Args:
+        config: every stage's settings (a dict is accepted too; unknown keys are refused)
+        store_root: the artifact store, shared by every worker ('' = $GOLF_STORE, else ./golf-store)
+        force: stages to rebuild even when cached ('all' for every stage)
+        until: stop after this stage
+    """
+    if isinstance(config, dict):  # called directly, not through Prefect's parameter validation
+        config = config_from_dict(PipelineConfig, config)
+    store_root = store_root or str(default_root())
     forced = set(check_stage_names(force or []))
     keys: dict[str, str] = {}
     summaries = []
     for stage in STAGES:
-        summary = stage_task(stage.name, config[stage.name], {r: keys[r] for r in stage.inputs}, store_root,
-                             stage.name in forced)
+        summary = stage_task(stage.name, dataclasses.asdict(getattr(config, stage.name)),
+                             {r: keys[r] for r in stage.inputs}, store_root, stage.name in forced)
         keys[stage.name] = summary["key"]
         summaries.append(summary)
         print(f"{stage.name:<10} {'cached' if summary['cached'] else 'built ':<6} {summary['key']}")

@@ -1,11 +1,13 @@
 """The ``golf`` command.
 
     golf run [--preset tiny] [--set stage.field=value ...] [--force STAGE ...] [--no-prefect]
-    golf config [--preset NAME] [--set ...]          the resolved config, one line per field
+    golf config [--preset NAME] [--set ...] [--json [STAGE]]   the resolved config, one line per field (or JSON)
     golf artifacts ls | show KEY | verify KEY | path KEY
     golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
     golf sweep-quantize [--preset ...] [--set ...] --variant "bits=6 clip=sd:12.85" --variant ...
+    golf deploy [--pool golf] [--preset NAME] [--only NAME ...]   create/update prefect.yaml's deployments
+    golf serve [--preset NAME] [--only NAME ...]     serve them from this process (no work pool, no worker)
 """
 
 from __future__ import annotations
@@ -103,8 +105,14 @@ def cmd_sweep_quantize(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import flatten
-    for k, v in flatten(_config(args)).items():
+    from .config import ConfigError, flatten
+    cfg = _config(args)
+    if args.json is not None:  # a deployment's parameters: the whole config or one stage's section
+        if args.json and args.json not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"--json {args.json}: not a stage; stages: {', '.join(f.name for f in dataclasses.fields(cfg))}")
+        print(json.dumps(dataclasses.asdict(getattr(cfg, args.json) if args.json else cfg)))
+        return 0
+    for k, v in flatten(cfg).items():
         print(f"{k} = {v!r}")
     return 0
 
@@ -169,6 +177,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from .deployments import deploy, load_specs, parse_job_variables, preset_or_none, select
+    specs = select(load_specs(Path(args.prefect_file)), args.only)
+    done, skipped = deploy(specs, args.pool, args.pool_type, preset_or_none(args.preset), str(Path(args.store).resolve()),
+                           args.project_dir, args.image, parse_job_variables(args.job_variables))
+    for line in skipped:
+        print(f"skipped {line}" if not line.startswith("(") else line)
+    for name, dep_id in done:
+        print(f"deployed {name:<36} {dep_id}")
+    print(f"\nstart a worker:  prefect worker start --pool {args.pool}\n"
+          f"run one:         prefect deployment run {done[0][0] if done else 'FLOW/DEPLOYMENT'} --param KEY=VALUE")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .deployments import load_specs, preset_or_none, select, serve
+    serve(select(load_specs(Path(args.prefect_file)), args.only), preset_or_none(args.preset),
+          str(Path(args.store).resolve()), args.limit)
+    return 0
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Our stages' messages on stderr; other libraries (httpx, prefect) only when they warn."""
     handler = logging.StreamHandler()
@@ -201,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     c = sub.add_parser("config", help="print the resolved config")
     config_args(c)
+    c.add_argument("--json", nargs="?", const="", metavar="STAGE",
+                   help="print it as JSON (only STAGE's section if given): a deployment's parameters")
     c.set_defaults(fn=cmd_config)
     sw = sub.add_parser("sweep-quantize", help="quantize + eval several quantize variants of one trained model")
     config_args(sw)
@@ -227,6 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold-nats", type=float, default=0.005, help="the gain to beat, nats per token")
     c.add_argument("--alpha", type=float, default=0.01, help="one-sided significance level")
     c.set_defaults(fn=cmd_compare)
+
+    from .deployments import DEFAULT_POOL, PREFECT_FILE
+
+    def deployment_args(sp):
+        sp.add_argument("--preset", help="default parameters of every deployment from this preset (tiny, baseline, "
+                                         "record; default: the flows' own, the tiny preset)")
+        sp.add_argument("--only", action="append", metavar="NAME", help="only this deployment; repeatable")
+        sp.add_argument("--prefect-file", default=str(PREFECT_FILE), help="the list of deployments")
+    d = sub.add_parser("deploy", help="create or update the Prefect deployments on the server at $PREFECT_API_URL")
+    deployment_args(d)
+    d.add_argument("--pool", default=DEFAULT_POOL, help="work pool (a process pool is created when missing)")
+    d.add_argument("--pool-type", default="process", help="type of the pool if it must exist already: docker, "
+                                                          "kubernetes, ...")
+    d.add_argument("--project-dir", help="where the workers find this project (default: this checkout; "
+                                         "/opt/golf in docker/Dockerfile's image)")
+    d.add_argument("--image", help="the image a container work pool runs (docker or kubernetes pools)")
+    d.add_argument("--job-variables", metavar="JSON", help="the work pool's job variables for every deployment, "
+                                                           "e.g. volumes and GPUs of a docker pool (see README)")
+    d.set_defaults(fn=cmd_deploy)
+    sv = sub.add_parser("serve", help="serve the deployments from this process (runs are its subprocesses)")
+    deployment_args(sv)
+    sv.add_argument("--limit", type=int, help="at most this many runs at once")
+    sv.set_defaults(fn=cmd_serve)
     return p
 
 
@@ -238,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     from stages.tokenize import DataError
     from stages.shards import ShardError
     from .submit import SubmitError
+    from .deployments import DeployError
     try:
         if args.store is None:
             from artifacts.store import default_root
             args.store = str(default_root())
         return args.fn(args)
-    except (ConfigError, StoreError, DataError, ShardError, SubmitError, FileNotFoundError) as e:
+    except (ConfigError, StoreError, DataError, ShardError, SubmitError, DeployError, FileNotFoundError) as e:
         print(f"golf: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (RuntimeError, ValueError) as e:  # a stage failed: the message names the cause

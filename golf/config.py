@@ -74,7 +74,8 @@ def record() -> PipelineConfig:
                           warmdown_frac=0.85, min_lr_frac=0.10, ema_decay=0.9965, recur_from_frac=0.35,
                           swa_every=50),
         average=AverageConfig(method="ema"),
-        quantize=QuantizeConfig(bits=6, embed_bits=8, compressor="brotli", level=11),
+        quantize=QuantizeConfig(method="gptq", bits=6, embed_bits=7, clip="sd:12.85", embed_clip="sd:20",
+                                compressor="best", shuffle="try", seq_len=2048, lqer_rank=4),
         eval=EvalConfig(seq_len=2048, stride=64),
     )
 

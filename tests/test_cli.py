@@ -84,3 +84,10 @@ def test_stage_runs_standalone_from_its_module(pipeline_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root), "--input",
                           "average=average-missing", "--input", f"tokenize={tok}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no artifact" in bad.stderr
+
+
+def test_every_preset_resolves(capsys):
+    from golf.config import PRESETS
+    for name in PRESETS:
+        assert main(["config", "--preset", name]) == 0, name
+        assert "train.max_seconds" in capsys.readouterr().out
