@@ -12,7 +12,8 @@ order of scoring and adaptation, for the compliance stage).
 The eval timer counts what the records' timer counts plus the weights decode: load_seconds (decode)
 + eval_seconds (scoring, incl. gathering the ranks' results) + ttt_seconds (adaptation steps). Outside
 it, stated in eval.json: start-up, reading the val shards and counting bytes, the warm-up on random
-tokens (CUDA start-up, kernel compilation) and the diagnostics. With a budget, the loop projects its
+tokens (CUDA start-up, kernel compilation), the TTT event log (bookkeeping for compliance) and the
+diagnostics. With several ranks the clock is the slowest rank's; ttt_seconds is the busiest rank's. With a budget, the loop projects its
 finish from its pace: on_budget=fail stops with an error as soon as the projection passes the budget,
 on_budget=stop stops adapting and scores the rest with the weights it has.
 
@@ -52,6 +53,7 @@ TIMER_INCLUDES = ["weights decode (load_seconds)", "scoring forward passes and g
                   "(eval_seconds)", "test-time training steps (ttt_seconds)"]
 TIMER_EXCLUDES = ["process start-up and imports", "reading the val shards and counting bytes",
                   "warm-up on random tokens: CUDA start-up, kernel compilation (warmup_seconds)",
+                  "gathering and writing the TTT event log (ttt_log.jsonl)",
                   "diagnostics: pre-quantization and no-TTT scores"]
 
 

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .scoring import document_spans, kept_logits, make_batches, padded_len, score_batches, stream_windows
+from .scoring import (document_spans, kept_logits, make_batches, padded_len, score_batches, stream_windows,
+                      window_tensors)
 
 TTT_METHODS = ("none", "sgd", "lora", "phased")
 
@@ -130,6 +131,9 @@ class EvalLoop:
         self.spans = document_spans(tokens, bos_id) if doc_isolation else None
         self.windows = stream_windows(len(tokens), seq_len, stride, self.spans)
         self.fixed = self.device.type == "cuda"  # fixed shapes: compiled kernels are reused
+        if self.fixed and hasattr(torch._dynamo.config, "recompile_limit"):
+            # scoring, LoRA and SGD batches use up to ~15 shapes; past the limit FlexAttention would run uncompiled
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.nll = np.zeros(self.n)
         self.count = np.zeros(self.n, dtype=np.int32)
         self.events: list[tuple] = []
@@ -209,8 +213,9 @@ class EvalLoop:
                 mine = step[self.rank::self.world]
                 if mine:
                     T = padded_len(max(n for _, n in mine), L, self.fixed)
-                    x, y, keep = (v.to(self.device) for v in
-                                  _seq_tensors(self.tokens, T, len(mine), mine))
+                    rows = -(-self.ttt.batch_seqs // self.world) if self.fixed else len(mine)
+                    seqs = [(s, n, s, s + n) for s, n in mine]
+                    x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, seqs))
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                         logits = kept_logits(self.model, x, keep)
                     loss = F.cross_entropy(logits, y[keep], reduction="sum") / sum(n for _, n in step)
@@ -302,48 +307,37 @@ class EvalLoop:
         try:
             for k in range(n_steps):
                 t = time.perf_counter()
-                wins = []  # (row, window): up to seq_len tokens of the document, ending at the chunk's end
-                for r, (a, b) in enumerate(spans):
-                    lo = a + k * C
-                    if lo < b:
-                        hi = min(lo + C, b)
-                        ws = max(a, hi - L)
-                        wins.append((r, (ws, hi - ws, lo, hi)))
-                T = padded_len(max(w[1] for _, w in wins), L, self.fixed)
-                x = torch.zeros(rows, T, dtype=torch.long)
-                y = torch.zeros(rows, T, dtype=torch.long)
-                keep = torch.zeros(rows, T, dtype=torch.bool)
-                for r, (s, n, lo, hi) in wins:
-                    x[r, :n] = self.tokens[s:s + n]
-                    y[r, :n] = self.tokens[s + 1:s + n + 1]
-                    keep[r, lo - s:hi - s] = True
-                x, y, keep = x.to(self.device), y.to(self.device), keep.to(self.device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                # row r: up to seq_len tokens of its document, ending at its k-th chunk's end (none once done)
+                wins = []
+                for a, b in spans:
+                    lo, hi = a + k * C, min(a + (k + 1) * C, b)
+                    wins.append((max(a, hi - L), hi - max(a, hi - L), lo, hi) if lo < b else (0, 0, 0, 0))
+                # adapt on the chunk just scored, except a document's last one (nothing after it to help)
+                train = [lo < hi < b for (_, _, lo, hi), (_, b) in zip(wins, spans)]
+                T = padded_len(max(w[1] for w in wins), L, self.fixed)
+                x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                with torch.set_grad_enabled(any(train)), \
+                        torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                     logits = kept_logits(self.model, x, keep)
                 tgt = y[keep]
                 nll = F.cross_entropy(logits.detach().double(), tgt, reduction="none").cpu().numpy()
                 i = 0
-                for _, (_, _, lo, hi) in wins:
+                for _, _, lo, hi in wins:
                     self.nll[lo:hi] = nll[i:i + hi - lo]
                     i += hi - lo
-                self.scored([w for _, w in wins])
+                self.scored([w for w in wins if w[1]])
                 t2 = time.perf_counter()
                 self.seconds["score"] += t2 - t
-                # adapt on the chunk just scored, except a document's last chunk (nothing after it to help)
-                weight = torch.zeros(len(tgt), device=self.device)
-                i, trained = 0, []
-                for r, (_, _, lo, hi) in wins:
-                    if hi < spans[r][1]:
-                        weight[i:i + hi - lo] = 1.0 / (hi - lo)
-                        trained.append((lo, hi))
-                    i += hi - lo
-                if trained:
+                if any(train):
+                    weight = torch.cat([torch.full((hi - lo,), 1.0 / (hi - lo) if tr else 0.0)
+                                        for (_, _, lo, hi), tr in zip(wins, train) if hi > lo]).to(self.device)
                     opt.zero_grad()
                     (F.cross_entropy(logits, tgt, reduction="none") * weight).sum().backward()
                     opt.step()
                     self.sync()
-                    for lo, hi in trained:
-                        self.log("adapt", lo, hi)
+                    for (_, _, lo, hi), tr in zip(wins, train):
+                        if tr:
+                            self.log("adapt", lo, hi)
                 self.seconds["adapt"] += time.perf_counter() - t2
         finally:
             lora.remove()
@@ -357,43 +351,28 @@ class EvalLoop:
         self.model.eval()
         self.t0 = time.perf_counter()
         {"none": self.run_plain, "sgd": self.run_sgd, "lora": self.run_docs, "phased": self.run_docs}[self.ttt.method]()
-        t = time.perf_counter()
-        nll, count, events, stopped = self.nll, self.count, self.events, [self.stopped]
+        busy = time.perf_counter() - self.t0
+        nll, count = self.nll, self.count
         if self.world > 1:  # each target was scored on one rank: a float64 sum gathers them exactly
             both = torch.from_numpy(np.stack([nll, count.astype(np.float64)])).to(self.comm_device)
             dist.all_reduce(both)
             nll, count = both[0].cpu().numpy(), both[1].cpu().numpy()
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, (events, self.stopped))
-            events = [(*e[:2], r, *e[2:]) for r, (evs, _) in enumerate(gathered) for e in evs]
-            stopped = [s for _, s in gathered]
-        else:
-            events = [(*e[:2], 0, *e[2:]) for e in events]
-        self.seconds["score"] += time.perf_counter() - t
+        loop = time.perf_counter() - self.t0  # every rank holds every score: the clock stops
         if not (count == 1).all():
             bad = int(np.flatnonzero(count != 1)[0])
             raise RuntimeError(f"target {bad} was scored {int(count[bad])} times: the eval plan is broken")
-        loop = time.perf_counter() - self.t0
-        times = torch.tensor([loop, self.seconds["adapt"]], dtype=torch.float64, device=self.comm_device)
-        if self.world > 1:  # the slowest rank's clock is the eval's
-            gathered_t = [torch.zeros_like(times) for _ in range(self.world)]
-            dist.all_gather(gathered_t, times)
-            times = max(gathered_t, key=lambda v: float(v[0]))
-        loop, adapt = (float(v) for v in times.cpu())
+        stats = [loop, busy, self.seconds["adapt"]]
+        events, stopped = [(*e[:2], 0, *e[2:]) for e in self.events], [self.stopped]
+        if self.world > 1:  # the longest clock; TTT seconds from the busiest rank (the others wait for it)
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (stats, self.events, self.stopped))
+            stats = [max(g[0][0] for g in gathered), *max((g[0] for g in gathered), key=lambda v: v[1])[1:]]
+            events = [(*e[:2], r, *e[2:]) for r, g in enumerate(gathered) for e in g[1]]
+            stopped = [g[2] for g in gathered]
+        loop, _, adapt = stats
         return {"nll": nll, "events": merge_events(events), "loop_seconds": loop, "ttt_seconds": adapt,
                 "score_seconds": loop - adapt, "budget_stop": next((s for s in stopped if s), None),
                 "adapt_steps": sum(1 for e in events if e[4] == "adapt")}
-
-
-def _seq_tensors(tokens: torch.Tensor, T: int, rows: int, seqs: list):
-    x = torch.zeros(rows, T, dtype=torch.long)
-    y = torch.zeros(rows, T, dtype=torch.long)
-    keep = torch.zeros(rows, T, dtype=torch.bool)
-    for r, (s, n) in enumerate(seqs):
-        x[r, :n] = tokens[s:s + n]
-        y[r, :n] = tokens[s + 1:s + n + 1]
-        keep[r, :n] = True
-    return x, y, keep
 
 
 def merge_events(events: list[tuple]) -> list[dict]:
