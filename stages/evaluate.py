@@ -13,9 +13,10 @@ The eval timer counts what the records' timer counts plus the weights decode: lo
 + eval_seconds (scoring, incl. gathering the ranks' results) + ttt_seconds (adaptation steps). Outside
 it, stated in eval.json: start-up, reading the val shards and counting bytes, the warm-up on random
 tokens (CUDA start-up, kernel compilation), the TTT event log (bookkeeping for compliance) and the
-diagnostics. With several ranks the clock is the slowest rank's; ttt_seconds is the busiest rank's. With a budget, the loop projects its
-finish from its pace: on_budget=fail stops with an error as soon as the projection passes the budget,
-on_budget=stop stops adapting and scores the rest with the weights it has.
+diagnostics. With several ranks the clock is the slowest rank's; ttt_seconds is the busiest rank's.
+With a budget, the loop projects its finish from its pace: on_budget=fail stops with an error as soon
+as the projection passes the budget, on_budget=stop stops adapting and scores the rest with the
+weights it has (the compliance stage still fails an eval that ends over 600 s).
 
 Run it alone:  python -m stages.evaluate --input quantize=KEY --input average=KEY --input tokenize=KEY
 On 8 GPUs:     ... --set nproc=8   (the stage launches torchrun itself)

@@ -56,8 +56,9 @@ def stream_windows(n_tokens: int, seq_len: int, stride: int,
 
 
 def padded_len(n: int, seq_len: int, fixed: bool) -> int:
-    """The length a window of n inputs is batched at: exact, or a power of two >= 64 (at most seq_len)."""
-    return min(seq_len, max(64, 1 << (n - 1).bit_length())) if fixed else n
+    """The length a window of n inputs is batched at: exact, or a power of two >= 128 (FlexAttention's block;
+    at most seq_len)."""
+    return min(seq_len, max(128, 1 << (n - 1).bit_length())) if fixed else n
 
 
 def make_batches(windows: list, seq_len: int, batch_seqs: int, fixed: bool = False) -> list[tuple[int, int, list]]:

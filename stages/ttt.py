@@ -176,7 +176,8 @@ class EvalLoop:
                f"of this rank's targets done after {elapsed:.0f} s + {self.spent_s:.0f} s before the loop)")
         if self.on_budget == "fail":
             raise EvalBudgetError(msg + ": set eval.on_budget=stop to finish without further adaptation")
-        self.stopped = {"rank": self.rank, "done_fraction": round(done / total, 4), "projected_seconds": round(projected, 1)}
+        self.stopped = {"rank": self.rank, "done_fraction": round(done / total, 4),
+                        "projected_seconds": round(projected, 1)}
         return True
 
     @property

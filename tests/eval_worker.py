@@ -54,7 +54,8 @@ def toy_stream(n_docs: int = 14, seed: int = 0) -> np.ndarray:
 def run_variant(name: str, tokens: np.ndarray | None = None, model: GPT | None = None, **kw) -> dict:
     model = copy.deepcopy(model or toy_model())
     tokens = toy_stream() if tokens is None else tokens
-    return EvalLoop(model, tokens, seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, **{**VARIANTS[name], **kw}).run()
+    args = {**VARIANTS[name], **kw}
+    return EvalLoop(model, tokens, seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, **args).run()
 
 
 def main(out: str) -> None:

@@ -135,7 +135,8 @@ def test_stage_writes_the_ledger_and_a_legal_log_and_the_shipped_program_agrees(
     store, cfg, results = pipeline_run
     ev = _stage(apply_overrides(cfg, TTT_SET), results, store)
     info = json.loads(ev.file("eval.json").read_text())
-    assert info["ttt"] == "sgd" and info["doc_isolation"] is False and info["adapt_steps"] == 4  # 3 chunks, the last not adapted on; 8 sequences of 256 in 2 steps
+    # 3 chunks, the last one not adapted on; each chunk's 8 sequences of 256 tokens in 2 steps
+    assert info["ttt"] == "sgd" and info["doc_isolation"] is False and info["adapt_steps"] == 4
     assert info["timer_includes"] and any("warm-up" in x for x in info["timer_excludes"])
     counted, excluded = C.eval_ledger(ev)
     assert sum(counted.values()) == pytest.approx(info["total_eval_seconds"], abs=0.01)
@@ -171,3 +172,15 @@ def test_stage_on_two_processes_matches_one(pipeline_run, store):
     assert two.metrics["val_bpb"] == pytest.approx(one.metrics["val_bpb"], rel=1e-5)
     nll = np.load(two.file("token_nll.npy"))
     assert C.check_ttt_order(C.read_ttt_log(two.file("ttt_log.jsonl")), len(nll), True)["status"] == "PASS"
+
+
+def test_cuda_batch_shapes_give_the_same_scores(single):
+    """The fixed, padded batch shapes used on CUDA (power-of-two lengths, full rows), run here on the CPU."""
+    from stages.ttt import EvalLoop
+    from tests.eval_worker import SEQ_LEN, toy_model
+    for name, kw in VARIANTS.items():
+        loop = EvalLoop(toy_model(), toy_stream(), seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, **kw)
+        loop.fixed = True
+        res = loop.run()
+        np.testing.assert_allclose(res["nll"], single[name]["nll"], rtol=0, atol=1e-6, err_msg=name)  # measured: < 1e-7
+        assert res["adapt_steps"] == single[name]["adapt_steps"]
