@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,12 @@ def eval_command(run: Run, tokenizer: str, val: Sequence[str]) -> list[str]:
             "--seq-len", str(cfg["seq_len"]), "--stride", str(cfg.get("stride", 0))]
     if cfg.get("max_tokens"):
         argv += ["--max-tokens", str(cfg["max_tokens"])]
+    if cfg.get("batch_seqs"):
+        argv += ["--batch-seqs", str(cfg["batch_seqs"])]
+    if cfg.get("doc_isolation"):
+        argv.append("--doc-isolation")
+    if (cfg.get("ttt") or {}).get("method", "none") != "none":  # the shipped program runs the same TTT
+        argv += ["--ttt", json.dumps(cfg["ttt"], separators=(",", ":"))]
     return argv
 
 
@@ -257,11 +264,13 @@ def _readme(runs: list[Run], meta: dict, comparison: Comparison | None, report: 
               f"counted against the cap) is the program an evaluator runs with this artifact: it decodes "
               f"`weights.bin` and scores the validation shards. **It does not train.** This project trains through "
               f"its pipeline (`golf run`: tokenize, train, average, quantize, eval, compliance); this folder ships "
-              f"what the evaluator runs. The file is generated from the project's own modules (stages/shards.py, "
-              f"bpb.py, quant.py, model.py, scoring.py, shipped_eval.py), minified and wrapped in a self-extracting "
-              f"lzma stub, byte for byte the file the quantize stage counted.", "",
+              f"what the evaluator runs, test-time training included. The file is generated from the project's own "
+              f"modules (stages/shards.py, bpb.py, quant.py, model.py, scoring.py, ttt.py, shipped_eval.py), "
+              f"minified and wrapped in a self-extracting lzma stub, byte for byte the file the quantize stage "
+              f"counted.", "",
               "Reproduce the seed-" + str(primary.seed) + " score from this folder (needs torch, numpy, "
-              "sentencepiece and the challenge's data):", "", "```", "python " + " ".join(cmd), "```", ""]
+              "sentencepiece and the challenge's data):", "", "```",
+              "python " + " ".join(shlex.quote(x) if "{" in x else x for x in cmd), "```", ""]
 
     lines += ["## Configuration", "", "```"]
     for role, art in primary.by_role().items():

@@ -314,11 +314,14 @@ class GPT(nn.Module):
                 skips.append(x)
         return rms_norm(x)
 
-    def logits(self, idx: Tensor) -> Tensor:
-        h = self.hidden(idx)
+    def project(self, h: Tensor) -> Tensor:
+        """float32 logits from final hidden states (..., model_dim); scoring projects only the positions it scores."""
         logits = F.linear(h, self.embed.weight.to(h.dtype)).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def logits(self, idx: Tensor) -> Tensor:
+        return self.project(self.hidden(idx))
 
     def forward(self, idx: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy (nats) of predicting ``targets`` from ``idx``, both (B, T).

@@ -14,11 +14,11 @@ import lzma
 import re
 from pathlib import Path
 
-from . import bpb, model, quant, scoring, shards, shipped_eval  # noqa: F401  the shipped modules: in quantize's code digest
+from . import bpb, model, quant, scoring, shards, shipped_eval, ttt  # noqa: F401  the shipped modules: in quantize's code digest
 
 STAGES_DIR = Path(__file__).resolve().parent
 # dependency order: each module only uses names defined by those before it
-SHIPPED_MODULES = ("shards", "bpb", "quant", "model", "scoring", "shipped_eval")
+SHIPPED_MODULES = ("shards", "bpb", "quant", "model", "scoring", "ttt", "shipped_eval")
 _RELATIVE_IMPORT = re.compile(r"^from \.[\w.]* import \(?[\w, \n]*\)?$", re.M)
 
 

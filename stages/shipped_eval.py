@@ -1,25 +1,31 @@
 """The entry point of the code that ships with an artifact: decode the weights, score the val shards.
 
-    python shipped_code.py --weights weights.bin --tokenizer tokenizer.model --val fineweb_val_*.bin
+    python shipped_code.py --weights weights.bin --tokenizer tokenizer.model --val fineweb_val_*.bin \
+        [--stride 64] [--doc-isolation] [--ttt '{"method": "sgd"}']
+    torchrun --nproc_per_node=8 shipped_code.py ...     (the same eval spread over 8 GPUs)
 
-It prints val_loss and val_bpb. The quantize stage assembles this module with model, quant, bpb,
-scoring and shards into one file and counts its compressed bytes as the artifact's code bytes.
+It prints val_loss, val_bpb and the eval seconds. The quantize stage assembles this module with model,
+quant, bpb, scoring, ttt and shards into one file and counts its compressed bytes as the artifact's code
+bytes; the eval stage runs the same loop (ttt.EvalLoop), so the shipped program reproduces its score,
+test-time training included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
 from .bpb import bits_per_byte, piece_tables, token_bytes
 from .model import GPT, ModelConfig
 from .quant import decode_weights
-from .scoring import score_stream
 from .shards import load_split
+from .ttt import EvalLoop, TTTConfig, warm_up
 
 
 def load_model(blob: bytes) -> GPT:
@@ -37,19 +43,40 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--val", nargs="+", required=True)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--stride", type=int, default=0)
+    p.add_argument("--batch-seqs", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=0)
+    p.add_argument("--doc-isolation", action="store_true", help="score each document with its own context only")
+    p.add_argument("--ttt", default="{}", help='test-time training settings as JSON, e.g. {"method": "sgd"}')
+    p.add_argument("--budget", type=float, default=600.0, help="eval seconds allowed (0 = no limit)")
+    p.add_argument("--on-budget", default="fail", choices=("fail", "stop"))
     a = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(Path(a.weights).read_bytes()).to(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
     tokens = load_split([Path(v) for v in a.val])
     if a.max_tokens:
         tokens = tokens[:a.max_tokens]
-    nll = score_stream(model, tokens, a.seq_len, a.stride, device=device)
-    n_bytes = int(token_bytes(tokens[1:], piece_tables(spm.SentencePieceProcessor(model_file=a.tokenizer)),
-                              prev=tokens[:-1]).sum())
+    t = time.perf_counter()
+    model = load_model(Path(a.weights).read_bytes()).to(device)
+    load_s = time.perf_counter() - t
+    args = dict(seq_len=a.seq_len, stride=a.stride, batch_seqs=a.batch_seqs, device=device,
+                doc_isolation=a.doc_isolation, ttt=TTTConfig(**json.loads(a.ttt)))
+    warm_up(model, model.cfg.vocab_size, sp.bos_id(), min(len(tokens), 4 * a.seq_len), **args)
+    res = EvalLoop(model, tokens, bos_id=sp.bos_id(), budget_s=a.budget, on_budget=a.on_budget, spent_s=load_s,
+                   **args).run()
+    nll = res["nll"]
+    n_bytes = int(token_bytes(tokens[1:], piece_tables(sp), prev=tokens[:-1]).sum())
     result = {"val_loss": float(nll.mean()), "val_bpb": bits_per_byte(float(nll.sum()), n_bytes),
-              "val_tokens": int(nll.size), "val_bytes": n_bytes}
-    print(json.dumps(result))
+              "val_tokens": int(nll.size), "val_bytes": n_bytes,
+              "eval_seconds": round(load_s + res["loop_seconds"], 3)}
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    if world > 1:
+        dist.destroy_process_group()
     return result
 
 

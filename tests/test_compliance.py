@@ -190,11 +190,17 @@ def _toy_stream(n_docs=6, vocab=64, bos=1, seed=0):
     return np.concatenate(docs).astype(np.uint16), np.arange(4, vocab)
 
 
-def test_boundary_leak_planted_in_a_toy_model_fails_when_isolation_is_claimed():
+def test_boundary_leak_planted_in_a_toy_model_fails_when_isolation_is_claimed(monkeypatch):
     tokens, ids = _toy_stream()
     clean = C.boundary_shift(ToyDocModel(64, 1, 0.0), tokens, 1, ids, 128, 0, 3, 0, doc_isolation=True)
     assert clean["pairs"] == 3 and clean["max_shift"] == 0.0
     assert C.check_boundary(clean, True, 1e-6)["status"] == "PASS"
+    # eval's own isolation cuts the stream at BOS: even the leaky model cannot see the previous document
+    cut = C.boundary_shift(ToyDocModel(64, 1, 0.5), tokens, 1, ids, 128, 0, 3, 0, doc_isolation=True)
+    assert cut["max_shift"] == 0.0
+    # an eval whose isolation is only the model's attention mask (windows cross BOS) leaks through the smear
+    real = C.score_stream
+    monkeypatch.setattr(C, "score_stream", lambda *a, doc_isolation=False, **k: real(*a, **k))
     leaky = C.boundary_shift(ToyDocModel(64, 1, 0.5), tokens, 1, ids, 128, 0, 3, 0, doc_isolation=True)
     assert leaky["first_token_shift"] > 1e-3 and leaky["max_shift"] == leaky["first_token_shift"]
     fail = C.check_boundary(leaky, True, 1e-6)

@@ -1,0 +1,401 @@
+"""The eval loop: score the val stream, with or without score-first test-time training, on one or many ranks
+(shipped code: the shipped program runs this same loop).
+
+Legal by construction: every adaptation step runs after the targets it trains on were scored and
+recorded, and no target is scored twice, so a target's score depends only on the artifact and the tokens
+before it. Each step is logged as it happens ({"event": "score"|"adapt", "start", "end"}, target indices,
+half-open) for the compliance stage to replay.
+
+  none    windows (sliding or not, documents isolated or not) split over ranks batch by batch
+  sgd     the stream in chunks of ``chunk_tokens`` targets: score the chunk (its windows split over
+          ranks), then ``epochs`` passes of momentum SGD on all weights over the chunk's targets, the
+          sequences of each step split over ranks and the gradients all-reduced; a cosine learning rate
+          over the chunks. Every rank holds the same weights, so N ranks compute what one would (up to
+          float rounding): chunks are sequential, only the work inside a chunk is spread.
+  lora    per-document LoRA adapters (q, k, v, out, MLP fc and proj), reset at each document: the document
+          is scored ``lora_chunk`` targets at a time (each with up to seq_len tokens of its own context), and
+          after each chunk but the last the adapters take one AdamW step on it. Documents are independent,
+          so they are split over ranks and adapted ``lora_docs`` at a time (longest first).
+  phased  lora, plus global momentum SGD of all weights on every document scored so far, at ``phases``
+          document boundaries evenly spread over the first ``phase_docs`` documents. The documents between
+          two boundaries are split over ranks; the global steps are data-parallel (gradients all-reduced),
+          so all ranks score the next documents with the same weights.
+
+Several ranks write one merged timeline: each event carries the number of shared-weight updates done
+before it; an update waits for every rank (its gradient all-reduce), so sorting by that count, shared
+updates last, is an order in which the events really happened.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .scoring import (document_spans, kept_logits, make_batches, padded_len, score_batches, stream_windows,
+                      window_tensors)
+
+TTT_METHODS = ("none", "sgd", "lora", "phased")
+
+
+@dataclass(frozen=True)
+class TTTConfig:
+    method: str = "none"        # none | sgd | lora | phased (see stages/ttt.py)
+    chunk_tokens: int = 32768   # sgd: targets scored, then trained on, per chunk (records: 32768)
+    epochs: int = 3             # sgd: passes over each chunk after scoring it (records: 3)
+    lr: float = 0.002           # sgd: peak learning rate, cosine-decayed over the chunks
+    momentum: float = 0.9       # sgd and the global phases
+    batch_seqs: int = 32        # sgd and the global phases: sequences of seq_len per step, over all ranks
+    grad_clip: float = 1.0      # sgd and the global phases: clip of the global gradient norm (0 = off)
+    lora_rank: int = 8          # lora: adapter rank (records: 80-96 on 8x H100)
+    lora_alpha: float = 16.0    # lora: the adapters' output is scaled by alpha / rank
+    lora_lr: float = 0.001      # lora: AdamW learning rate (records: 1e-4 at rank 96)
+    lora_betas: str = "0.9,0.999"  # lora: AdamW betas
+    lora_wd: float = 0.0        # lora: AdamW decoupled weight decay
+    lora_chunk: int = 48        # lora: targets scored, then adapted on, per step within a document (records: 48)
+    lora_docs: int = 64         # lora: documents adapted side by side in one batch (records: 64)
+    phase_docs: int = 2000      # phased: the leading documents over which the global phases run (records: 2000-2500)
+    phases: int = 3             # phased: global SGD passes, at evenly spaced boundaries of those documents
+    phase_lr: float = 0.001     # phased: peak learning rate of each pass, cosine-decayed over its steps
+    phase_epochs: int = 1       # phased: passes over the scored documents at each boundary
+    seed: int = 0               # LoRA A initialisation
+
+    def __post_init__(self):
+        if self.method not in TTT_METHODS:
+            raise ValueError(f"ttt.method must be one of {', '.join(TTT_METHODS)}, not {self.method!r}")
+        if min(self.chunk_tokens, self.epochs, self.batch_seqs, self.lora_rank, self.lora_chunk, self.lora_docs,
+               self.phases, self.phase_epochs) < 1:
+            raise ValueError("ttt: chunk_tokens, epochs, batch_seqs, lora_rank, lora_chunk, lora_docs, phases and "
+                             "phase_epochs must be >= 1")
+        if len(self.lora_betas.split(",")) != 2:
+            raise ValueError(f"ttt.lora_betas must be two numbers like 0.9,0.999, not {self.lora_betas!r}")
+
+
+class EvalBudgetError(RuntimeError):
+    """The eval would run past its time budget."""
+
+
+LORA_TARGETS = re.compile(r"blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj))")
+
+
+class LoRA:
+    """One rank-r adapter per batch row on each targeted linear layer, added through forward hooks (the
+    model is not changed; ``remove`` detaches them). Rows start from the same A and B = 0: the model's
+    own output, whatever came before."""
+
+    def __init__(self, model, rows: int, cfg: TTTConfig, device):
+        mods = [m for n, m in model.named_modules() if LORA_TARGETS.fullmatch(n)]
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.A = [torch.nn.Parameter(((torch.rand(m.in_features, cfg.lora_rank, generator=g) * 2 - 1)
+                                      / math.sqrt(m.in_features)).to(device).expand(rows, -1, -1).clone())
+                  for m in mods]
+        self.B = [torch.nn.Parameter(torch.zeros(rows, cfg.lora_rank, m.out_features, device=device)) for m in mods]
+        self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(mods)]
+
+    def _hook(self, i: int):
+        def add(module, inputs, out):
+            x = inputs[0]
+            return out + (x @ self.A[i].to(x.dtype)) @ self.B[i].to(x.dtype) * self.scale
+        return add
+
+    def params(self) -> list:
+        return self.A + self.B
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+class EvalLoop:
+    """One rank's share of an eval; ``run`` returns the merged result on every rank."""
+
+    def __init__(self, model, tokens: np.ndarray, seq_len: int, stride: int, batch_seqs: int, device,
+                 doc_isolation: bool, bos_id: int, ttt: TTTConfig, budget_s: float = 0.0, on_budget: str = "fail",
+                 spent_s: float = 0.0, progress=None):
+        if ttt.method in ("lora", "phased") and not doc_isolation:
+            raise ValueError(f"ttt.method={ttt.method} adapts per document: it needs doc_isolation")
+        self.model, self.ttt, self.device = model, ttt, torch.device(device)
+        self.seq_len, self.batch_seqs = seq_len, batch_seqs
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+        self.n = len(tokens) - 1
+        self.spans = document_spans(tokens, bos_id) if doc_isolation else None
+        self.windows = stream_windows(len(tokens), seq_len, stride, self.spans)
+        self.fixed = self.device.type == "cuda"  # fixed shapes: compiled kernels are reused
+        if self.fixed and hasattr(torch._dynamo.config, "recompile_limit"):
+            # scoring, LoRA and SGD batches use up to ~15 shapes; past the limit FlexAttention would run uncompiled
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.nll = np.zeros(self.n)
+        self.count = np.zeros(self.n, dtype=np.int32)
+        self.events: list[tuple] = []
+        self.updates = 0  # shared-weight updates so far (the same on every rank)
+        self.seconds = {"score": 0.0, "adapt": 0.0}
+        self.budget_s, self.on_budget, self.spent_s = budget_s, on_budget, spent_s
+        self.stopped: dict | None = None
+        self.progress = progress
+
+    # --- bookkeeping ------------------------------------------------------------------------------------------
+    def log(self, kind: str, lo: int, hi: int, shared: bool = False) -> None:
+        if self.ttt.method != "none" and (not shared or self.rank == 0):
+            self.events.append((self.updates, int(shared), len(self.events), kind, int(lo), int(hi)))
+
+    def scored(self, windows: list) -> None:
+        for _, _, a, b in sorted(windows, key=lambda w: w[2]):
+            self.count[a:b] += 1
+            self.log("score", a, b)
+        if self.progress is not None:
+            self.progress(sum(b - a for _, _, a, b in windows))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def over_budget(self, done: int, total: int, collective: bool) -> bool:
+        """Whether the projected eval time (time spent before the loop + the loop's pace so far) passes the
+        budget; with on_budget = fail, raise instead."""
+        if self.budget_s <= 0 or self.stopped is not None:
+            return False
+        elapsed = time.perf_counter() - self.t0
+        projected = self.spent_s + elapsed * total / max(done, 1) if done < total else 0.0
+        if collective and self.world > 1:
+            t = torch.tensor([projected], dtype=torch.float64, device=self.comm_device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            projected = float(t.item())
+        if projected <= self.budget_s or not done:
+            return False
+        msg = (f"eval would take about {projected:.0f} s, over its {self.budget_s:.0f} s budget ({done / total:.0%} "
+               f"of this rank's targets done after {elapsed:.0f} s + {self.spent_s:.0f} s before the loop)")
+        if self.on_budget == "fail":
+            raise EvalBudgetError(msg + ": set eval.on_budget=stop to finish without further adaptation")
+        self.stopped = {"rank": self.rank, "done_fraction": round(done / total, 4),
+                        "projected_seconds": round(projected, 1)}
+        return True
+
+    @property
+    def comm_device(self) -> torch.device:
+        return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # --- scoring ---------------------------------------------------------------------------------------------------
+    def score(self, windows: list) -> None:
+        """Score windows with the current weights; batches are dealt to ranks in turn."""
+        t = time.perf_counter()
+        batches = make_batches(windows, self.seq_len, self.batch_seqs, self.fixed)[self.rank::self.world]
+        score_batches(self.model, self.tokens, batches, self.device, self.nll, self.scored)
+        self.seconds["score"] += time.perf_counter() - t
+
+    def windows_in(self, lo: int, hi: int) -> list:
+        """The windows clipped to targets lo..hi-1 (a window cut by a chunk edge scores its two parts with the
+        weights of their own chunks)."""
+        i = bisect.bisect_right(self._ends, lo)
+        j = bisect.bisect_left(self._starts, hi)
+        return [(s, n, max(a, lo), min(b, hi)) for s, n, a, b in self.windows[i:j]]
+
+    # --- shared-weight SGD ------------------------------------------------------------------------------------------
+    def sgd_steps(self, lo: int, hi: int, opt, lr_at, epochs: int) -> None:
+        """Momentum SGD on targets lo..hi-1 in seq_len sequences, each step's sequences split over ranks and
+        its gradient all-reduced: every rank takes the same step."""
+        L, params = self.seq_len, [p for g in opt.param_groups for p in g["params"]]
+        seqs = [(s, min(L, hi - s)) for s in range(lo, hi, L)]
+        steps = [seqs[i:i + self.ttt.batch_seqs] for i in range(0, len(seqs), self.ttt.batch_seqs)]
+        k = 0
+        for _ in range(epochs):
+            for step in steps:
+                t = time.perf_counter()
+                opt.zero_grad(set_to_none=False)
+                mine = step[self.rank::self.world]
+                if mine:
+                    T = padded_len(max(n for _, n in mine), L, self.fixed)
+                    rows = -(-self.ttt.batch_seqs // self.world) if self.fixed else len(mine)
+                    seqs = [(s, n, s, s + n) for s, n in mine]
+                    x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, seqs))
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                        logits = kept_logits(self.model, x, keep)
+                    loss = F.cross_entropy(logits, y[keep], reduction="sum") / sum(n for _, n in step)
+                    loss.backward()
+                if self.world > 1:
+                    for p in params:  # a rank without sequences in this step adds zeros
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    flat = torch.cat([p.grad.reshape(-1) for p in params])
+                    dist.all_reduce(flat)
+                    i = 0
+                    for p in params:
+                        p.grad.copy_(flat[i:i + p.numel()].view_as(p.grad))
+                        i += p.numel()
+                if self.ttt.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, self.ttt.grad_clip)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(k)
+                opt.step()
+                self.sync()
+                self.log("adapt", step[0][0], step[-1][0] + step[-1][1], shared=True)
+                self.updates += 1
+                self.seconds["adapt"] += time.perf_counter() - t
+                k += 1
+
+    # --- the variants ------------------------------------------------------------------------------------------------
+    def run_plain(self) -> None:
+        self.score(self.windows)
+
+    def run_sgd(self) -> None:
+        C = self.ttt.chunk_tokens
+        chunks = [(lo, min(lo + C, self.n)) for lo in range(0, self.n, C)]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.ttt.lr, momentum=self.ttt.momentum)
+        for c, (lo, hi) in enumerate(chunks):
+            self.score(self.windows_in(lo, hi))
+            # the last chunk is scored only: nothing after it would use the adapted weights
+            if self.stopped is None and c < len(chunks) - 1:
+                lr = self.ttt.lr * 0.5 * (1 + math.cos(math.pi * c / len(chunks)))
+                self.sgd_steps(lo, hi, opt, lambda k: lr, self.ttt.epochs)
+                self.over_budget(hi, self.n, collective=True)
+
+    def doc_targets(self, d: int) -> tuple[int, int]:
+        a, b = self.spans[d]
+        return a, min(b, self.n)
+
+    def run_docs(self) -> None:
+        """lora and phased: documents split over ranks, global phases at document boundaries."""
+        nd, cfg = len(self.spans), self.ttt
+        bounds = []
+        if cfg.method == "phased":
+            prefix = min(cfg.phase_docs, nd)
+            bounds = sorted({round(prefix * (i + 1) / cfg.phases) for i in range(cfg.phases)} - {0})
+        cuts = [0] + [b for b in bounds if b < nd] + [nd]
+        size = [b - a for a, b in map(self.doc_targets, range(nd))]
+        # each segment's documents, longest first, dealt to ranks in turn
+        mine = [[d for d in sorted(range(cuts[p], cuts[p + 1]), key=lambda d: (-size[d], d))[self.rank::self.world]
+                 if size[d] > 0] for p in range(len(cuts) - 1)]
+        total, done = sum(size[d] for seg in mine for d in seg), 0
+        for p, docs in enumerate(mine):
+            for g in range(0, len(docs), cfg.lora_docs):
+                group = docs[g:g + cfg.lora_docs]
+                if self.stopped is None:
+                    self.lora_group(group)
+                else:  # out of time: the rest is scored with the current weights, no adapters
+                    self.score([w for d in group for w in self.windows_in(*self.doc_targets(d))])
+                done += sum(size[d] for d in group)
+                self.over_budget(done, total, collective=False)
+            if cuts[p + 1] in bounds:
+                lo, hi = 0, self.doc_targets(cuts[p + 1] - 1)[1]
+                steps = math.ceil(math.ceil((hi - lo) / self.seq_len) / cfg.batch_seqs) * cfg.phase_epochs
+                params = list(self.model.parameters())
+                opt = torch.optim.SGD(params, lr=cfg.phase_lr, momentum=cfg.momentum)
+                self.sgd_steps(lo, hi, opt, lambda k: cfg.phase_lr * 0.5 * (1 + math.cos(math.pi * k / steps)),
+                               cfg.phase_epochs)
+
+    def lora_group(self, group: list[int]) -> None:
+        """Score-then-adapt, chunk by chunk, for a batch of documents with one adapter row each."""
+        cfg, C, L = self.ttt, self.ttt.lora_chunk, self.seq_len
+        rows = cfg.lora_docs if self.fixed else len(group)
+        spans = [self.doc_targets(d) for d in group]
+        n_steps = max(math.ceil((b - a) / C) for a, b in spans)
+        base = list(self.model.parameters())
+        for p in base:
+            p.requires_grad_(False)
+        lora = LoRA(self.model, rows, cfg, self.device)
+        b1, b2 = (float(v) for v in cfg.lora_betas.split(","))
+        opt = torch.optim.AdamW(lora.params(), lr=cfg.lora_lr, betas=(b1, b2), weight_decay=cfg.lora_wd)
+        try:
+            for k in range(n_steps):
+                t = time.perf_counter()
+                # row r: up to seq_len tokens of its document, ending at its k-th chunk's end (none once done)
+                wins = []
+                for a, b in spans:
+                    lo, hi = a + k * C, min(a + (k + 1) * C, b)
+                    wins.append((max(a, hi - L), hi - max(a, hi - L), lo, hi) if lo < b else (0, 0, 0, 0))
+                # adapt on the chunk just scored, except a document's last one (nothing after it to help)
+                train = [lo < hi < b for (_, _, lo, hi), (_, b) in zip(wins, spans)]
+                T = padded_len(max(w[1] for w in wins), L, self.fixed)
+                x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                with torch.set_grad_enabled(any(train)), \
+                        torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    logits = kept_logits(self.model, x, keep)
+                tgt = y[keep]
+                nll = F.cross_entropy(logits.detach().double(), tgt, reduction="none").cpu().numpy()
+                i = 0
+                for _, _, lo, hi in wins:
+                    self.nll[lo:hi] = nll[i:i + hi - lo]
+                    i += hi - lo
+                self.scored([w for w in wins if w[1]])
+                t2 = time.perf_counter()
+                self.seconds["score"] += t2 - t
+                if any(train):
+                    weight = torch.cat([torch.full((hi - lo,), 1.0 / (hi - lo) if tr else 0.0)
+                                        for (_, _, lo, hi), tr in zip(wins, train) if hi > lo]).to(self.device)
+                    opt.zero_grad()
+                    (F.cross_entropy(logits, tgt, reduction="none") * weight).sum().backward()
+                    opt.step()
+                    self.sync()
+                    for (_, _, lo, hi), tr in zip(wins, train):
+                        if tr:
+                            self.log("adapt", lo, hi)
+                self.seconds["adapt"] += time.perf_counter() - t2
+        finally:
+            lora.remove()
+            for p in base:
+                p.requires_grad_(True)
+
+    # --- the whole loop -----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self._starts = [w[2] for w in self.windows]
+        self._ends = [w[3] for w in self.windows]
+        self.model.eval()
+        self.t0 = time.perf_counter()
+        {"none": self.run_plain, "sgd": self.run_sgd, "lora": self.run_docs, "phased": self.run_docs}[self.ttt.method]()
+        busy = time.perf_counter() - self.t0
+        nll, count = self.nll, self.count
+        if self.world > 1:  # each target was scored on one rank: a float64 sum gathers them exactly
+            both = torch.from_numpy(np.stack([nll, count.astype(np.float64)])).to(self.comm_device)
+            dist.all_reduce(both)
+            nll, count = both[0].cpu().numpy(), both[1].cpu().numpy()
+        loop = time.perf_counter() - self.t0  # every rank holds every score: the clock stops
+        if not (count == 1).all():
+            bad = int(np.flatnonzero(count != 1)[0])
+            raise RuntimeError(f"target {bad} was scored {int(count[bad])} times: the eval plan is broken")
+        stats = [loop, busy, self.seconds["adapt"]]
+        events, stopped = [(*e[:2], 0, *e[2:]) for e in self.events], [self.stopped]
+        if self.world > 1:  # the longest clock; TTT seconds from the busiest rank (the others wait for it)
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (stats, self.events, self.stopped))
+            stats = [max(g[0][0] for g in gathered), *max((g[0] for g in gathered), key=lambda v: v[1])[1:]]
+            events = [(*e[:2], r, *e[2:]) for r, g in enumerate(gathered) for e in g[1]]
+            stopped = [g[2] for g in gathered]
+        loop, _, adapt = stats
+        return {"nll": nll, "events": merge_events(events), "loop_seconds": loop, "ttt_seconds": adapt,
+                "score_seconds": loop - adapt, "budget_stop": next((s for s in stopped if s), None),
+                "adapt_steps": sum(1 for e in events if e[4] == "adapt")}
+
+
+def merge_events(events: list[tuple]) -> list[dict]:
+    """One timeline from every rank's (updates, shared, rank, index, kind, start, end): by shared-update count,
+    shared updates after the rest; consecutive events of one kind over adjacent targets joined."""
+    out: list[dict] = []
+    for *_, kind, lo, hi in sorted(events, key=lambda e: e[:4]):
+        if out and out[-1]["event"] == kind and out[-1]["end"] == lo:
+            out[-1]["end"] = hi
+        else:
+            out.append({"event": kind, "start": lo, "end": hi})
+    return out
+
+
+def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, **loop_args) -> float:
+    """Run the same loop on random tokens (never val data) with a copy of the model, so CUDA start-up and
+    kernel compilation happen before the clock starts; the seconds it took."""
+    t = time.perf_counter()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab_size, size=n_tokens)
+    tokens[tokens == bos_id] = (bos_id + 1) % vocab_size
+    tokens[0] = bos_id
+    tokens[rng.choice(n_tokens, size=max(1, n_tokens // loop_args["seq_len"]), replace=False)] = bos_id
+    EvalLoop(copy.deepcopy(model), tokens, bos_id=bos_id, **loop_args).run()
+    return time.perf_counter() - t
