@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if n > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] + cmd[1:]
             t = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})  # keep carried packages visible
             row = {"variant": name, "nproc": n, "device": device, "wall_seconds": round(time.perf_counter() - t, 1),
                    "returncode": proc.returncode}
             if proc.returncode == 0:
