@@ -99,12 +99,14 @@ class LoRA:
                   for m in mods]
         self.B = [torch.nn.Parameter(torch.zeros(rows, cfg.lora_rank, m.out_features, device=device)) for m in mods]
         self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.rows: torch.Tensor | None = None  # the adapter rows of the batch's rows (None: all, in order)
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(mods)]
 
     def _hook(self, i: int):
         def add(module, inputs, out):
             x = inputs[0]
-            return out + (x @ self.A[i].to(x.dtype)) @ self.B[i].to(x.dtype) * self.scale
+            A, B = (self.A[i], self.B[i]) if self.rows is None else (self.A[i][self.rows], self.B[i][self.rows])
+            return out + (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
         return add
 
     def params(self) -> list:
@@ -316,7 +318,13 @@ class EvalLoop:
                 # adapt on the chunk just scored, except a document's last one (nothing after it to help)
                 train = [lo < hi < b for (_, _, lo, hi), (_, b) in zip(wins, spans)]
                 T = padded_len(max(w[1] for w in wins), L, self.fixed)
-                x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                if self.fixed:  # every row, done or not: one shape per length
+                    x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                else:  # only the documents still going
+                    active = [r for r, w in enumerate(wins) if w[1]]
+                    lora.rows = torch.tensor(active, device=self.device)
+                    x, y, keep = (v.to(self.device) for v in
+                                  window_tensors(self.tokens, T, len(active), [wins[r] for r in active]))
                 with torch.set_grad_enabled(any(train)), \
                         torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                     logits = kept_logits(self.model, x, keep)
