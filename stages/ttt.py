@@ -187,10 +187,12 @@ class EvalLoop:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
     # --- scoring ---------------------------------------------------------------------------------------------------
-    def score(self, windows: list) -> None:
-        """Score windows with the current weights; batches are dealt to ranks in turn."""
+    def score(self, windows: list, shard: bool = True) -> None:
+        """Score windows with the current weights; batches are dealt to ranks in turn (``shard``), or the
+        windows are this rank's own already."""
         t = time.perf_counter()
-        batches = make_batches(windows, self.seq_len, self.batch_seqs, self.fixed)[self.rank::self.world]
+        batches = make_batches(windows, self.seq_len, self.batch_seqs, self.fixed)
+        batches = batches[self.rank::self.world] if shard else batches
         score_batches(self.model, self.tokens, batches, self.device, self.nll, self.scored)
         self.seconds["score"] += time.perf_counter() - t
 
@@ -284,7 +286,7 @@ class EvalLoop:
                 if self.stopped is None:
                     self.lora_group(group)
                 else:  # out of time: the rest is scored with the current weights, no adapters
-                    self.score([w for d in group for w in self.windows_in(*self.doc_targets(d))])
+                    self.score([w for d in group for w in self.windows_in(*self.doc_targets(d))], shard=False)
                 done += sum(size[d] for d in group)
                 self.over_budget(done, total, collective=False)
             if cuts[p + 1] in bounds:
