@@ -99,12 +99,14 @@ class LoRA:
                   for m in mods]
         self.B = [torch.nn.Parameter(torch.zeros(rows, cfg.lora_rank, m.out_features, device=device)) for m in mods]
         self.scale = cfg.lora_alpha / cfg.lora_rank
+        self.rows: torch.Tensor | None = None  # the adapter rows of the batch's rows (None: all, in order)
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(mods)]
 
     def _hook(self, i: int):
         def add(module, inputs, out):
             x = inputs[0]
-            return out + (x @ self.A[i].to(x.dtype)) @ self.B[i].to(x.dtype) * self.scale
+            A, B = (self.A[i], self.B[i]) if self.rows is None else (self.A[i][self.rows], self.B[i][self.rows])
+            return out + (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
         return add
 
     def params(self) -> list:
@@ -185,10 +187,12 @@ class EvalLoop:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
     # --- scoring ---------------------------------------------------------------------------------------------------
-    def score(self, windows: list) -> None:
-        """Score windows with the current weights; batches are dealt to ranks in turn."""
+    def score(self, windows: list, shard: bool = True) -> None:
+        """Score windows with the current weights; batches are dealt to ranks in turn (``shard``), or the
+        windows are this rank's own already."""
         t = time.perf_counter()
-        batches = make_batches(windows, self.seq_len, self.batch_seqs, self.fixed)[self.rank::self.world]
+        batches = make_batches(windows, self.seq_len, self.batch_seqs, self.fixed)
+        batches = batches[self.rank::self.world] if shard else batches
         score_batches(self.model, self.tokens, batches, self.device, self.nll, self.scored)
         self.seconds["score"] += time.perf_counter() - t
 
@@ -282,7 +286,7 @@ class EvalLoop:
                 if self.stopped is None:
                     self.lora_group(group)
                 else:  # out of time: the rest is scored with the current weights, no adapters
-                    self.score([w for d in group for w in self.windows_in(*self.doc_targets(d))])
+                    self.score([w for d in group for w in self.windows_in(*self.doc_targets(d))], shard=False)
                 done += sum(size[d] for d in group)
                 self.over_budget(done, total, collective=False)
             if cuts[p + 1] in bounds:
@@ -316,7 +320,13 @@ class EvalLoop:
                 # adapt on the chunk just scored, except a document's last one (nothing after it to help)
                 train = [lo < hi < b for (_, _, lo, hi), (_, b) in zip(wins, spans)]
                 T = padded_len(max(w[1] for w in wins), L, self.fixed)
-                x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                if self.fixed:  # every row, done or not: one shape per length
+                    x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                else:  # only the documents still going
+                    active = [r for r, w in enumerate(wins) if w[1]]
+                    lora.rows = torch.tensor(active, device=self.device)
+                    x, y, keep = (v.to(self.device) for v in
+                                  window_tensors(self.tokens, T, len(active), [wins[r] for r in active]))
                 with torch.set_grad_enabled(any(train)), \
                         torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                     logits = kept_logits(self.model, x, keep)

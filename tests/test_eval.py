@@ -87,6 +87,9 @@ def test_two_ranks_agree_with_one_process(single, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist_res = pickle.loads(out.read_bytes())
+    stop = dist_res.pop("lora_stop")  # (the loop itself fails unless every target was scored exactly once)
+    assert stop["budget_stop"] and 0 < stop["adapt_steps"] < single["lora"]["adapt_steps"]
+    assert C.check_ttt_order(stop["events"], len(stop["nll"]))["status"] == "PASS"
     for name in ("plain", "sliding", "isolated"):
         assert np.array_equal(dist_res[name]["nll"], single[name]["nll"]), name
     for name in TTT_VARIANTS:
