@@ -73,7 +73,12 @@ def test_config_command_shows_overrides(capsys):
 
 def test_stage_runs_standalone_from_its_module(pipeline_run, tmp_path):
     """python -m stages.quantize with --input, outside Prefect, reusing the shared run's average artifact."""
-    store, _, results = pipeline_run
+    import shutil
+    shared, _, results = pipeline_run
+    root = tmp_path / "store"  # a copy: the shared store must not gain artifacts other tests would see
+    shutil.copytree(shared.root, root, ignore=shutil.ignore_patterns("locks", "tmp", "work"))
+    from artifacts import ArtifactStore
+    store = ArtifactStore(root)
     avg, tok = results["average"].artifact.key, results["tokenize"].artifact.key
     proc = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root), "--input",
                            f"average={avg}", "--input", f"tokenize={tok}", "--set", "bits=5",

@@ -221,8 +221,10 @@ def _wait_final(url: str, run_id, timeout: float = RUN_S):
 def store_copy(pipeline_run, tmp_path):
     """The shared fast pipeline run's store, copied: the deployments here add artifacts to it."""
     store, cfg, results = pipeline_run
-    shutil.copytree(store.root, tmp_path / "store", symlinks=True, ignore=shutil.ignore_patterns("locks"))
-    return ArtifactStore(tmp_path / "store"), cfg, {k: r.artifact.key for k, r in results.items()}
+    copy = ArtifactStore(tmp_path / "store")
+    for r in results.values():  # only the run's own artifacts: other tests add theirs to the shared store
+        shutil.copytree(r.artifact.path, copy.path_of(r.artifact.key), symlinks=True)
+    return copy, cfg, {k: r.artifact.key for k, r in results.items()}
 
 
 def test_deploy_to_a_process_pool_and_run_quantize_only_through_a_worker(server, store_copy, tmp_path):
