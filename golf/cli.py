@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("golf: interrupted (complete artifacts are kept; rerun to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `golf config | head`: the reader left; nothing to report
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
