@@ -133,6 +133,9 @@ class DocumentMask:
             self.dense = (docs[:, :, None] == docs[:, None, :]) & causal  # (B, T, T)
 
 
+PLAIN_CAUSAL = DocumentMask()
+
+
 @torch.compiler.disable
 def document_mask(idx: Tensor, bos_id: int, isolate: bool) -> DocumentMask:
     """Built outside any compiled graph (a graph break when the model is compiled)."""
@@ -302,7 +305,8 @@ class GPT(nn.Module):
             x = self.smear(x, idx)
         x = rms_norm(x)
         x0 = x
-        mask = document_mask(idx, self.cfg.bos_id, self.cfg.doc_isolation)
+        # only an isolating mask needs building (outside the compiled graph); plain causal needs nothing
+        mask = document_mask(idx, self.cfg.bos_id, True) if self.cfg.doc_isolation else PLAIN_CAUSAL
         skips = []
         for i, first in self.layer_order():
             if first and i >= self.n_encoder:  # decoder layer: take the mirrored encoder output
