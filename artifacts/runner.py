@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,8 +123,12 @@ def code_files(module: str) -> dict[str, Path]:
     return dict(sorted(seen.items()))
 
 
+_AST_LOCK = threading.Lock()  # CPython 3.11's AST constructor is not thread-safe; stages run in task threads
+
+
 def code_digest(module: str) -> tuple[str, dict[str, str]]:
-    files = code_files(module)
+    with _AST_LOCK:
+        files = code_files(module)
     per_file = {name: sha256_file(path)[:16] for name, path in files.items()}
     digest = hashlib.sha256("".join(f"{n}:{d};" for n, d in per_file.items()).encode()).hexdigest()
     return digest[:20], per_file

@@ -12,6 +12,7 @@ import ast
 import base64
 import lzma
 import re
+import threading
 from pathlib import Path
 
 from . import bpb, model, quant, scoring, shards, shipped_eval, ttt  # noqa: F401  the shipped modules: in quantize's code digest
@@ -52,7 +53,18 @@ def wrap(source: str) -> str:
     return f'import lzma,base64\nexec(lzma.decompress(base64.b85decode("{packed}")))\n'
 
 
+_LOCK = threading.Lock()
+_CACHE: dict[str, tuple[str, str]] = {}
+
+
 def shipped_code() -> tuple[str, str]:
-    """(readable source, the wrapped program that ships)."""
-    src = assemble_source()
-    return src, wrap(minify(src))
+    """(readable source, the wrapped program that ships).
+
+    Built once per process and source text, under a lock: quantize tasks run in parallel threads (the sweep
+    flow), and CPython 3.11's AST constructor is not safe to use from several threads at once.
+    """
+    with _LOCK:
+        src = assemble_source()
+        if src not in _CACHE:
+            _CACHE[src] = (src, wrap(minify(src)))
+        return _CACHE[src]
