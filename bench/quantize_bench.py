@@ -29,13 +29,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from artifacts.store import Artifact  # noqa: E402
-from stages.bpb import bits_per_byte, piece_tables, token_bytes  # noqa: E402
+from stages.bpb import bits_per_byte  # noqa: E402
 from stages.model import GPT, ModelConfig  # noqa: E402
 from stages.qpack import COMPRESSORS, available_compressors  # noqa: E402
 from stages.quant import decode_weights  # noqa: E402
 from stages.quantize import QuantizeConfig, calibrate, quantize_weights, resolve_device  # noqa: E402
 from stages.scoring import score_stream  # noqa: E402
-from stages.shards import load_split  # noqa: E402
 from stages.tokenize import Dataset  # noqa: E402
 
 # The schemes compared. int8-zlib is the official baseline's; int6-zstd22 the 03-19 record's storage
@@ -117,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     common = parse_fields(a.set)
 
     # val tokens and bytes, as the eval stage counts them
-    import sentencepiece as spm
-    tokens = load_split(ds.shard_paths("val"))
-    if a.val_tokens:
-        tokens = tokens[:a.val_tokens]
-    n_bytes = int(token_bytes(tokens[1:], piece_tables(spm.SentencePieceProcessor(model_file=str(ds.tokenizer_path))),
-                              prev=tokens[:-1]).sum())
+    tokens, n_bytes = ds.val_stream(a.val_tokens)
     model = GPT(model_cfg).to(device).eval()
 
     def val_bpb(sd: dict) -> tuple[float, float]:

@@ -34,12 +34,6 @@ def _config(args):
     return apply_overrides(preset(args.preset), args.set or [])
 
 
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return str(v)
-
-
 def print_summary(summaries: list[dict], wall: float) -> None:
     from artifacts.runner import headline_metric
     print()

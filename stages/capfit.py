@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .gptq import parse_clip, sort_rows, weight_error
 from .qpack import SectionCache, assemble, layout, pack_sections

@@ -44,3 +44,14 @@ class Dataset:
     @property
     def tokenizer_path(self) -> Path:
         return self.artifact.file(self.info["tokenizer_file"])
+
+    def val_stream(self, max_tokens: int = 0):
+        """(val tokens, UTF-8 bytes of the scored targets tokens[1:]) by the tokenizer's piece table."""
+        import sentencepiece as spm
+        from .bpb import piece_tables, token_bytes
+        from .shards import load_split
+        tokens = load_split(self.shard_paths("val"))
+        if max_tokens:
+            tokens = tokens[:max_tokens]
+        tables = piece_tables(spm.SentencePieceProcessor(model_file=str(self.tokenizer_path)))
+        return tokens, int(token_bytes(tokens[1:], tables, prev=tokens[:-1]).sum())

@@ -371,15 +371,9 @@ def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext
 
 def val_reporter(ds: Dataset, model_cfg: ModelConfig, cfg: QuantizeConfig, device: torch.device):
     """val_bpb of a state dict on the val shards: for the candidate table only, never for choosing."""
-    import sentencepiece as spm
-    from .bpb import bits_per_byte, piece_tables, token_bytes
+    from .bpb import bits_per_byte
     from .scoring import score_stream
-    from .shards import load_split
-    tokens = load_split(ds.shard_paths("val"))
-    if cfg.fit_val_tokens:
-        tokens = tokens[:cfg.fit_val_tokens]
-    n_bytes = int(token_bytes(tokens[1:], piece_tables(spm.SentencePieceProcessor(model_file=str(ds.tokenizer_path))),
-                              prev=tokens[:-1]).sum())
+    tokens, n_bytes = ds.val_stream(cfg.fit_val_tokens)
     model = GPT(model_cfg).to(device).eval()
 
     def val_bpb(state: dict[str, torch.Tensor]) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,18 +86,28 @@ def reference_bpb(model: GPT, tokens: list[int], seq_len: int, sp) -> float:
     return nll_sum / math.log(2) / n_bytes
 
 
-def test_val_bpb_matches_a_plain_loop_reference(sp):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
-    model = GPT(cfg)
-    for p in model.parameters():  # random weights everywhere, so the test is not trivial
+def random_model(seed: int) -> GPT:
+    """A small GPT with random weights everywhere (zero-initialised projections would make tests trivial)."""
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1))
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    model.eval()
+    return model.eval()
+
+
+def document_stream(sp, n_docs: int, cut: int | None = None) -> list[int]:
+    """[BOS] + ids of the first n_docs bundled documents, each cut to ``cut`` ids when given."""
     with open(EMBEDDED_DOCS) as f:
-        texts = [json.loads(next(f))["text"] for _ in range(3)]
+        texts = [json.loads(next(f))["text"] for _ in range(n_docs)]
     tokens = []
     for t in texts:
-        tokens += [1] + sp.encode(t)
+        tokens += [1] + sp.encode(t)[:cut]
+    return tokens
+
+
+def test_val_bpb_matches_a_plain_loop_reference(sp):
+    model = random_model(0)
+    tokens = document_stream(sp, 3)
     tokens = tokens[:700]
     nll = score_stream(model, np.array(tokens), seq_len=128, stride=0, batch_seqs=4)
     n_bytes = int(token_bytes(np.array(tokens[1:]), piece_tables(sp), prev=np.array(tokens[:-1])).sum())
@@ -130,16 +139,8 @@ def reference_isolated_bpb(model: GPT, tokens: list[int], seq_len: int, stride: 
 
 
 def test_isolated_sliding_val_bpb_matches_a_per_document_plain_loop(sp):
-    torch.manual_seed(1)
-    model = GPT(ModelConfig(vocab_size=1024, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    model.eval()
-    with open(EMBEDDED_DOCS) as f:
-        texts = [json.loads(next(f))["text"] for _ in range(6)]
-    tokens = []
-    for t in texts:
-        tokens += [1] + sp.encode(t)[:150]  # documents longer and shorter than a window
+    model = random_model(1)
+    tokens = document_stream(sp, 6, cut=150)  # documents longer and shorter than a window
     nll = score_stream(model, np.array(tokens), seq_len=96, stride=32, batch_seqs=3, doc_isolation=True)
     n_bytes = int(token_bytes(np.array(tokens[1:]), piece_tables(sp), prev=np.array(tokens[:-1])).sum())
     got = bits_per_byte(nll.sum(), n_bytes)

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from golf.cli import main
-from tests.conftest import FAST
 
 
 def run_cli(*args, store=None):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from artifacts import run_stage
 from stages import tokenize
@@ -51,7 +49,6 @@ def test_training_honours_the_wallclock_cap_and_leaves_what_averaging_needs(pipe
 
 
 def test_wallclock_cap_stops_training(store, fast_cfg):
-    import dataclasses
     from golf.config import apply_overrides
     from golf.pipeline import run_pipeline
     cfg = apply_overrides(fast_cfg, ["train.max_steps=0", "train.max_seconds=3"])
