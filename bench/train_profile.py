@@ -42,7 +42,7 @@ def main() -> None:
     model.recurrence_active = a.recurrence == "on" and mcfg.has_recurrence
     if a.eager_embed:  # aten's sort-based embedding backward instead of inductor's atomic scatter-add
         model.embed.forward = torch.compiler.disable(model.embed.forward)
-    if cfg.fused_loss != "off":
+    if cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and mcfg.vocab_size >= 4096):  # the train stage's rule
         from stages.losses import fused_softcap_cross_entropy
         model.loss_fn = fused_softcap_cross_entropy
     groups = split_params(model)
@@ -98,12 +98,35 @@ def main() -> None:
         fb()
         opt()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=110)
     tag = a.label or "profile"
     (a.out / f"{tag}.kernels.txt").write_text(table)
+    kernels = sorted(((e.key, e.count, e.device_time_total / 1e3) for e in prof.key_averages()),
+                     key=lambda k: -k[2])
+    res["kernels_ms_per_step"] = [{"name": n, "calls": c, "ms": round(ms, 3)} for n, c, ms in kernels[:40]]
+    save_kernel_sources([n for n, _, _ in kernels[:15]], a.out / f"{tag}.kernel_src")
     (a.out / f"{tag}.json").write_text(json.dumps(res, indent=2))
     print("RESULT", json.dumps({k: v for k, v in res.items() if k != "model"}))
     print(table[:3000])
+
+
+def save_kernel_sources(names: list[str], dest: Path) -> None:
+    """Copy the inductor-generated Triton source of each named kernel (from inductor's cache) into dest."""
+    import os
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    wanted = {n for n in names if n.startswith("triton_")}
+    if not wanted:
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    for root, _, files in os.walk(cache_dir()):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            text = Path(root, f).read_text(errors="replace")
+            for n in list(wanted):
+                if f"def {n}(" in text:
+                    (dest / f"{n}.py").write_text(text)
+                    wanted.discard(n)
 
 
 if __name__ == "__main__":

@@ -115,10 +115,12 @@ def load_tokenizer(path: Path):
 # --- documents -----------------------------------------------------------------------------------
 def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_docs: int, max_docs: int = 0,
                        tokens_per_shard: int = 100_000_000, workers: int = 1, overlap: str = "drop",
-                       progress: bool = True, pool=None) -> dict:
+                       progress: bool = True, pool=None, chunk_bytes: int = 0) -> dict:
     """Encode the documents into shards, hashes and the val byte sidecar in ``out_dir``; return statistics.
 
-    ``pool``: an already started pool of :func:`stages.encoding.init_worker` processes (benchmarks)."""
+    ``pool``: an already started pool of :func:`stages.encoding.init_worker` processes (benchmarks);
+    ``chunk_bytes``: jsonl bytes per worker task (0: :data:`stages.docs.CHUNK_BYTES`; the output is the same
+    for any value)."""
     from tqdm import tqdm
     sp = load_tokenizer(model_path)
     writers = {s: ShardWriter(out_dir, s, tokens_per_shard) for s in ("val", "train")}
@@ -128,7 +130,7 @@ def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_d
     val_sorted = None  # the val hashes, sorted, once the split is complete
     dropped = text_bytes = 0
     # a chunk may hold val documents only if fewer than val_docs lines/rows came before it
-    tasks = ((chunk, chunk.before < val_docs) for chunk in iter_chunks(files))
+    tasks = ((chunk, chunk.before < val_docs) for chunk in iter_chunks(files, chunk_bytes))
     results = ordered_map(encode_chunk, tasks, workers, init_worker, (str(model_path),), pool=pool)
     bar = tqdm(desc="tokenize", unit="B", unit_scale=True, mininterval=1.0, disable=None if progress else True)
     t0 = time.perf_counter()

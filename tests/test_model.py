@@ -88,6 +88,29 @@ def test_xsa_output_is_orthogonal_to_the_value():
     assert (y * v).sum(-1).abs().max() < 1e-5
 
 
+def test_xsa_with_grouped_heads_removes_each_heads_own_kv_direction():
+    """8 query heads on 2 KV heads: head h shares value head h // 4 (the GQA mapping), and XSA must project
+    out exactly that one."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(BASE, xsa=True, num_heads=8, num_kv_heads=2, model_dim=64)
+    attn = randomised(cfg).blocks[0].attn
+    captured = {}
+    attn.out.register_forward_hook(lambda m, i, o: captured.setdefault("y", i[0]))
+    x = torch.randn(2, 12, 64)
+    from stages.model import DocumentMask
+    attn(x, DocumentMask())
+    v = attn.v(x).view(2, 12, 2, 1, 8)
+    y = captured["y"].view(2, 12, 2, 4, 8)
+    assert (y * v).sum(-1).abs().max() < 1e-5
+    # and the output is the plain attention output minus only that component
+    attn.xsa = False
+    captured.clear()
+    attn(x, DocumentMask())
+    plain = captured["y"].view(2, 12, 2, 4, 8)
+    vn = v / v.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(y, plain - (plain * vn).sum(-1, keepdim=True) * vn, atol=1e-6, rtol=1e-5)
+
+
 def test_recurrence_replays_the_span_and_can_be_switched():
     model = randomised(dataclasses.replace(BASE, recur_start=1, recur_end=2))
     assert [i for i, _ in model.layer_order()] == [0, 1, 2, 1, 2, 3]
