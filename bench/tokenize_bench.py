@@ -113,6 +113,8 @@ def measure(corpus: Path, model: Path, procs: int, tmp: Path, val_docs: int, rep
     cold = run_once(corpus, model, procs, tmp, val_docs, chunk_bytes=chunk_bytes)
     pool = make_pool(procs, init_worker, (str(model),)) if procs > 1 else None
     try:
+        if pool is not None:  # a spawned pool starts its workers in the background: one untimed pass first
+            run_once(corpus, model, procs, tmp, val_docs, pool, chunk_bytes)
         warm = [run_once(corpus, model, procs, tmp, val_docs, pool, chunk_bytes) for _ in range(repeat)]
     finally:
         if pool is not None:

@@ -2,11 +2,19 @@
 
 Muon keeps a momentum buffer per matrix, orthogonalises the (Nesterov) update with a Newton-Schulz
 iteration, and scales it so every matrix moves by about the same RMS regardless of its shape.
+
+Under torch.distributed the matrices are dealt out to the ranks (balanced by size): each rank keeps the
+momentum of, orthogonalises and updates only its own share, then broadcasts those matrices to the
+others. Replicated, the Newton-Schulz work is a fixed cost per GPU that does not shrink with more GPUs
+(~27 ms of a 304 ms baseline step on one H100: a tenth of the step on 2 GPUs, a fifth on 8); sharded, it
+divides like the rest of the step. The result is the same as on one process: every rank starts from the
+same all-reduced gradients.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 # Quintic Newton-Schulz coefficients tuned for fast convergence of singular values towards 1 (the
@@ -70,23 +78,64 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       schedule=schedule, row_norm=row_norm, weight_decay=weight_decay))
 
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def owners(self, params: list[Tensor], world: int) -> list[int]:
+        """The rank that updates each matrix: largest first, each to the least-loaded rank (deterministic,
+        so every rank computes the same deal)."""
+        load, owner = [0] * world, [0] * len(params)
+        for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+            r = min(range(world), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += params[i].numel()
+        return owner
+
     @torch.no_grad()
     def step(self):
+        world, rank = self._world()
+        pending = []
         for group in self.param_groups:
-            for p in group["params"]:
+            params = group["params"]
+            for p, owner in zip(params, self.owners(params, world)):
                 if p.grad is None:
                     continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(g)
-                update = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                if group["row_norm"]:
-                    update = update / (update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7).to(update.dtype)
-                update = orthogonalise(update, group["ns_steps"], group["schedule"])
-                update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
+                if owner == rank:
+                    self._update(p, group)
+                if world > 1:  # the owner sends its result; the NCCL copy overlaps the next matrix's work
+                    pending.append(dist.broadcast(p.data, src=owner, async_op=True))
+        for work in pending:
+            work.wait()
+
+    def _update(self, p: Tensor, group: dict) -> None:
+        g = p.grad
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(g)
+        update = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        if group["row_norm"]:
+            update = update / (update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7).to(update.dtype)
+        update = orthogonalise(update, group["ns_steps"], group["schedule"])
+        update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update, alpha=-group["lr"])
+
+    def full_state_dict(self) -> dict:
+        """The state of every matrix, gathered from the ranks that own them (a collective: call it on every
+        rank). Loading it on any number of ranks works: each takes what its share needs."""
+        sd = self.state_dict()
+        world, _ = self._world()
+        if world == 1:
+            return sd
+        shards = [None] * world
+        dist.all_gather_object(shards, {k: {n: t.cpu() for n, t in v.items()} for k, v in sd["state"].items()})
+        merged = {}
+        for shard in shards:
+            merged.update(shard)
+        return {"state": merged, "param_groups": sd["param_groups"]}

@@ -277,9 +277,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                 g["lr"] = g["base_lr"] * lr_mult
             opt.step()
         model.zero_grad(set_to_none=True)
-        if distributed:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        return total.item()
+        return total
 
     # --- compile warm-up: run steps, then restore the initial state (not counted, as the records do)
     t_warm = time.perf_counter()
@@ -335,8 +333,9 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             dist.all_gather_object(loaders, stream.state())
         else:
             loaders = [stream.state()]
+        states = [o.full_state_dict() if isinstance(o, Muon) else o.state_dict() for o in optimizers]  # collective
         if master:
-            save_atomic({"model": cpu_state(model), "optimizers": [o.state_dict() for o in optimizers],
+            save_atomic({"model": cpu_state(model), "optimizers": states,
                          "loader": loaders, "step": step, "elapsed": elapsed, "metrics": metrics,
                          "ema": {k: v.cpu() for k, v in ema.items()} if ema is not None else None,
                          "rng": torch.get_rng_state()}, resume_path)
@@ -347,11 +346,24 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}", initial=min(elapsed_before, cfg.max_seconds))
     flops_tok = flops_per_token(mcfg, cfg.seq_len)
     t_start = time.perf_counter()
-    last_snapshot = t_start
     stop_reason = "max_seconds"
     tokens_per_step = cfg.batch_tokens
+
+    def shared(loss_sum: torch.Tensor, elapsed: float) -> tuple[float, float]:
+        """The mean loss over ranks and rank 0's clock, in one all-reduce: every rank then takes the same
+        decisions (stop, warmdown, recurrence switch, snapshot). Per-rank clocks differ by a little, and a
+        rank that stopped or switched graphs one step before another would hang the job."""
+        if not distributed:
+            return loss_sum.item(), elapsed
+        clock = torch.tensor(elapsed if master else 0.0, device=device, dtype=torch.float64)
+        t = torch.stack([loss_sum.double(), clock])
+        dist.all_reduce(t)
+        loss, clock = t.tolist()
+        return loss / world, clock
+
+    elapsed = elapsed_before
+    last_snapshot = elapsed
     while True:
-        elapsed = elapsed_before + (time.perf_counter() - t_start)
         progress = progress_of(step, elapsed)
         if progress >= 1.0:
             stop_reason = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "max_seconds"
@@ -364,10 +376,11 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                          "on" if active else "off", step)
             model.recurrence_active = active
         t_step = time.perf_counter()
-        loss = step_once(step, lr_mult)
+        loss_sum = step_once(step, lr_mult)
         if device.type == "cuda":
             torch.cuda.synchronize()
         step_s = time.perf_counter() - t_step
+        loss, elapsed = shared(loss_sum, elapsed_before + (time.perf_counter() - t_start))
         step += 1
         if not math.isfinite(loss):
             raise TrainingDiverged(f"training loss is {loss} at step {step}: stopping "
@@ -376,7 +389,6 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             with torch.no_grad():
                 for k, v in model.state_dict().items():
                     ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
-        elapsed = elapsed_before + (time.perf_counter() - t_start)
         rec = {"step": step, "loss": round(loss, 5), "lr_mult": round(lr_mult, 5),
                "recurrence": bool(model.recurrence_active),
                "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
@@ -390,9 +402,9 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             bar.n = min(elapsed, cfg.max_seconds)
             bar.refresh()
             log.debug("step %d loss %.4f lr %.3f %.1f ms", step, loss, lr_mult, rec["step_ms"])
-        if cfg.resume_every_s and time.perf_counter() - last_snapshot > cfg.resume_every_s:
+        if cfg.resume_every_s and elapsed - last_snapshot > cfg.resume_every_s:
             snapshot(step, elapsed)
-            last_snapshot = time.perf_counter()
+            last_snapshot = elapsed
     train_seconds = elapsed_before + (time.perf_counter() - t_start)
     bar.close()
     if step == 0:

@@ -22,9 +22,10 @@ def losses(art):
 
 
 def test_two_processes_follow_the_single_process_loss_curve(store, fast_cfg):
-    """nproc=2 launches torchrun with gloo; the same global batch gives the same losses."""
+    """nproc=2 launches torchrun with gloo; the same global batch gives the same losses. It snapshots after
+    every step: a collective (loaders, Muon's sharded state) that every rank must enter on the same step."""
     one = apply_overrides(fast_cfg, ["train.max_steps=4"])
-    two = apply_overrides(one, ["train.nproc=2"])
+    two = apply_overrides(one, ["train.nproc=2", "train.resume_every_s=0.001"])
     a = {r.artifact.stage: r.artifact for r in run_pipeline(one, store, until="train")}["train"]
     b = {r.artifact.stage: r.artifact for r in run_pipeline(two, store, until="train")}["train"]
     assert a.key != b.key
