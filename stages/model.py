@@ -107,21 +107,58 @@ def document_ids(idx: Tensor, bos_id: int) -> Tensor:
     return torch.cumsum((idx == bos_id).to(torch.int32), dim=1)
 
 
+def find_flash_varlen():
+    """flash-attn's variable-length attention, FA3 (``flash_attn_interface``, Hopper) before FA2, or None."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return getattr(__import__(module), "flash_attn_varlen_func")
+        except Exception:  # missing, or installed against another CUDA/torch: FlexAttention serves instead
+            continue
+    return None
+
+
+_FLASH_VARLEN: list = []  # [function or None], looked up once
+
+
+def varlen_attention_for(device: torch.device):
+    """The varlen kernel to isolate documents with on this device: flash-attn's on CUDA when installed."""
+    if device.type != "cuda":
+        return None
+    if not _FLASH_VARLEN:
+        _FLASH_VARLEN.append(find_flash_varlen())
+    return _FLASH_VARLEN[0]
+
+
 class DocumentMask:
     """How attention is restricted for one batch: plain causal, or causal within each document.
 
-    On CUDA the isolated case uses FlexAttention's block-sparse mask (built once per batch, shared by all
-    layers); elsewhere a dense boolean mask for SDPA (fine for the CPU's short sequences).
+    Isolated documents on CUDA: flash-attn's varlen kernel when installed (every row of the batch cut into
+    its documents, packed end to end, ``cu_seqlens`` marking where each starts), else FlexAttention's
+    block-sparse mask (built once per batch, shared by all layers); on the CPU a dense boolean mask for SDPA
+    (fine for its short sequences).
     """
 
-    def __init__(self, idx: Tensor | None = None, bos_id: int = 1, isolate: bool = False):
+    def __init__(self, idx: Tensor | None = None, bos_id: int = 1, isolate: bool = False, varlen=None):
         self.isolate = isolate and idx is not None
         self.block_mask = None
         self.dense = None
+        self.varlen, self.cu_seqlens, self.max_seqlen = None, None, 0
         if not self.isolate:
             return
-        docs = document_ids(idx, bos_id)
         B, T = idx.shape
+        if varlen is not None:
+            # a document starts at each BOS and at each row's first position (rows never see each other)
+            starts = idx == bos_id
+            starts[:, 0] = True
+            first = starts.reshape(-1).nonzero().squeeze(1)
+            end = torch.full((1,), B * T, dtype=first.dtype, device=idx.device)
+            self.cu_seqlens = torch.cat([first, end]).to(torch.int32)
+            # an upper bound is all the kernel needs; the row length keeps it one constant for torch.compile
+            # (the true maximum would be a new integer, so a recompile, on nearly every batch) and costs no sync
+            self.max_seqlen = T
+            self.varlen = varlen
+            return
+        docs = document_ids(idx, bos_id)
         if idx.is_cuda:
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -139,7 +176,7 @@ PLAIN_CAUSAL = DocumentMask()
 @torch.compiler.disable
 def document_mask(idx: Tensor, bos_id: int, isolate: bool) -> DocumentMask:
     """Built outside any compiled graph (a graph break when the model is compiled)."""
-    return DocumentMask(idx, bos_id, isolate)
+    return DocumentMask(idx, bos_id, isolate, varlen_attention_for(idx.device) if isolate else None)
 
 
 _flex = None
@@ -179,13 +216,21 @@ class Attention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         gqa = self.kv != self.h
-        if mask.block_mask is not None:
-            y = flex_attention(q, k, v, mask.block_mask, gqa)
-        elif mask.dense is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense[:, None], enable_gqa=gqa)
+        if mask.varlen is not None:  # flash-attn on the packed documents, (tokens, heads, D) in and out
+            y = mask.varlen(q.transpose(1, 2).reshape(B * T, self.h, self.d),
+                            k.transpose(1, 2).reshape(B * T, self.kv, self.d),
+                            v_tokens.reshape(B * T, self.kv, self.d),
+                            cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
+                            max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen, causal=True)
+            y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.h, self.d)  # some FA3 builds add the LSE
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        y = y.transpose(1, 2)  # (B, T, H, D): the attention kernels' own memory order, so a free view
+            if mask.block_mask is not None:
+                y = flex_attention(q, k, v, mask.block_mask, gqa)
+            elif mask.dense is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense[:, None], enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = y.transpose(1, 2)  # (B, T, H, D): the attention kernels' own memory order, so a free view
         if self.xsa:
             # XSA: drop the part of each head's output that points along the token's own value vector. Heads
             # grouped by their KV head (h // group, as GQA maps them), in token-major order: no copy of v per

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
 from .losses import fused_softcap_cross_entropy
-from .model import GPT, ModelConfig, flops_per_token
+from .model import GPT, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
 from .shards import load_tokens
 from .dataset import Dataset
@@ -197,8 +197,10 @@ def attention_backend(mcfg: ModelConfig, device: torch.device) -> str:
     if not mcfg.doc_isolation:
         return f"sdpa causal (documents not isolated); {have}"
     if device.type == "cuda":
-        # the varlen flash-attn path is not wired in yet: FlexAttention's block mask serves isolation
-        return f"flex_attention with a per-document block mask; {have} (not used)"
+        fn = varlen_attention_for(device)
+        if fn is not None:
+            return f"flash-attn varlen ({fn.__module__}.{fn.__name__}) on the packed documents; {have}"
+        return f"flex_attention with a per-document block mask; {have}"
     return f"sdpa with a dense per-document mask (CPU); {have}"
 
 

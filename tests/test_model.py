@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from stages.model import GPT, ModelConfig, flops_per_token
 from stages.optim import Muon, newton_schulz
@@ -175,3 +176,36 @@ def test_fused_loss_matches_the_plain_loss_and_gradients(softcap):
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for (n, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), n
+
+
+def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """flash-attn's varlen contract in plain torch: (tokens, heads, D) inputs, each cu_seqlens segment
+    attended causally on its own; returns (out, lse) as some FA3 builds do."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and causal and cu_seqlens_q.dtype == torch.int32
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    assert max_seqlen_q >= max(lengths) and int(cu_seqlens_q[-1]) == q.size(0)
+    outs = []
+    for a, n in zip(cu_seqlens_q[:-1].tolist(), lengths):
+        qs, ks, vs = (t[a:a + n].transpose(0, 1) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1))
+    return torch.cat(outs), None
+
+
+def test_flash_varlen_path_isolates_documents_like_the_dense_mask(monkeypatch):
+    """The flash-attn path (packing, cu_seqlens with row starts, GQA heads, output layout) against the dense
+    per-document mask; flash-attn itself is replaced by a plain-torch kernel with its calling convention."""
+    import stages.model as M
+    model = randomised(dataclasses.replace(ALL_FEATURES, num_heads=4, num_kv_heads=2))
+    idx = tokens_with_docs()
+    idx[1, 0] = 7  # a row that starts inside a document: its first tokens still see nothing before them
+    with torch.no_grad():
+        dense = model.logits(idx)
+        calls = []
+        monkeypatch.setattr(M, "varlen_attention_for", lambda device: (calls.append(1), reference_varlen)[1])
+        varlen = model.logits(idx)
+    assert calls and M.document_mask(idx, 1, True).varlen is reference_varlen
+    torch.testing.assert_close(varlen, dense, atol=2e-5, rtol=1e-5)
+    mask = M.DocumentMask(idx, 1, True, reference_varlen)
+    B, T = idx.shape
+    starts = sorted({r * T for r in range(B)} | {r * T + t for r, t in (idx == 1).nonzero().tolist()})
+    assert mask.cu_seqlens.tolist() == starts + [idx.numel()]
