@@ -13,7 +13,7 @@ python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implement
 # on the image already (2026-11-17 reading); keeping theirs avoids two versions of one package
 have="anyio attrs certifi charset-normalizer click cloudpickle colorama filelock fsspec h11 httpcore httpx idna
 jinja2 markdown-it-py markupsafe mdurl packaging pathspec pluggy prometheus-client protobuf psutil pygments
-python-dateutil pyyaml regex requests rich shellingham six sniffio typer typing-extensions urllib3 uvloop
+python-dateutil pyyaml regex requests rich shellingham six typer typing-extensions urllib3 uvloop
 wrapt zipp aiofiles"
 mkdir -p .whl-prefect
 for f in "$tmp"/*.whl; do
