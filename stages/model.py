@@ -138,11 +138,12 @@ class DocumentMask:
     (fine for its short sequences).
     """
 
-    def __init__(self, idx: Tensor | None = None, bos_id: int = 1, isolate: bool = False, varlen=None):
+    def __init__(self, idx: Tensor | None = None, bos_id: int = 1, isolate: bool = False, varlen=None,
+                 varlen_dtype: torch.dtype = torch.bfloat16):
         self.isolate = isolate and idx is not None
         self.block_mask = None
         self.dense = None
-        self.varlen, self.cu_seqlens, self.max_seqlen = None, None, 0
+        self.varlen, self.cu_seqlens, self.max_seqlen, self.varlen_dtype = None, None, 0, varlen_dtype
         if not self.isolate:
             return
         B, T = idx.shape
@@ -154,7 +155,7 @@ class DocumentMask:
             end = torch.full((1,), B * T, dtype=first.dtype, device=idx.device)
             self.cu_seqlens = torch.cat([first, end]).to(torch.int32)
             # an upper bound is all the kernel needs; the row length keeps it one constant for torch.compile
-            # (the true maximum would be a new integer, so a recompile, on nearly every batch) and costs no sync
+            # (the true maximum would be a new integer, so a recompile, on nearly every batch)
             self.max_seqlen = T
             self.varlen = varlen
             return
@@ -175,8 +176,14 @@ PLAIN_CAUSAL = DocumentMask()
 
 @torch.compiler.disable
 def document_mask(idx: Tensor, bos_id: int, isolate: bool) -> DocumentMask:
-    """Built outside any compiled graph (a graph break when the model is compiled)."""
-    return DocumentMask(idx, bos_id, isolate, varlen_attention_for(idx.device) if isolate else None)
+    """Built outside any compiled graph (a graph break when the model is compiled).
+
+    flash-attn takes bf16/fp16 only: it serves under a half-precision autocast (training, scoring); a float32
+    forward (e.g. GPTQ's calibration) isolates documents through FlexAttention instead."""
+    kind = idx.device.type
+    half = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16)
+    varlen = varlen_attention_for(idx.device) if isolate and half else None
+    return DocumentMask(idx, bos_id, isolate, varlen, torch.get_autocast_dtype(kind) if half else torch.bfloat16)
 
 
 _flex = None
@@ -217,9 +224,12 @@ class Attention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         gqa = self.kv != self.h
         if mask.varlen is not None:  # flash-attn on the packed documents, (tokens, heads, D) in and out
-            y = mask.varlen(q.transpose(1, 2).reshape(B * T, self.h, self.d),
-                            k.transpose(1, 2).reshape(B * T, self.kv, self.d),
-                            v_tokens.reshape(B * T, self.kv, self.d),
+            # one half dtype for all three: autocast leaves rms_norm's output (q, k) in float32, and unlike
+            # SDPA and FlexAttention, flash-attn does not cast for itself
+            dt = mask.varlen_dtype
+            y = mask.varlen(q.transpose(1, 2).reshape(B * T, self.h, self.d).to(dt),
+                            k.transpose(1, 2).reshape(B * T, self.kv, self.d).to(dt),
+                            v_tokens.reshape(B * T, self.kv, self.d).to(dt),
                             cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
                             max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen, causal=True)
             y = (y[0] if isinstance(y, tuple) else y).view(B, T, self.h, self.d)  # some FA3 builds add the LSE

@@ -69,18 +69,22 @@ def orthogonalise(g: Tensor, steps: int, schedule: str) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """Muon. ``row_norm`` (MuonEq-R, as we read it) equalises the rows of the momentum update to unit RMS
     before orthogonalising, so no output channel dominates the polar factor; ``weight_decay`` is decoupled
-    (p <- p * (1 - lr * wd))."""
+    (p <- p * (1 - lr * wd)).
+
+    ``shard``: split the work over the torch.distributed ranks (see the module docstring). Only for ranks that
+    hold the same gradients (after DDP's all-reduce): each matrix ends up as its owner computed it."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, schedule: str = "ns5", row_norm: bool = False, weight_decay: float = 0.0):
+                 ns_steps: int = 5, schedule: str = "ns5", row_norm: bool = False, weight_decay: float = 0.0,
+                 shard: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"Muon schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       schedule=schedule, row_norm=row_norm, weight_decay=weight_decay))
+        self.shard = shard
 
-    @staticmethod
-    def _world() -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
+    def _world(self) -> tuple[int, int]:
+        if self.shard and dist.is_available() and dist.is_initialized():
             return dist.get_world_size(), dist.get_rank()
         return 1, 0
 
@@ -126,16 +130,23 @@ class Muon(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update, alpha=-group["lr"])
 
-    def full_state_dict(self) -> dict:
-        """The state of every matrix, gathered from the ranks that own them (a collective: call it on every
-        rank). Loading it on any number of ranks works: each takes what its share needs."""
+    def full_state_dict(self) -> dict | None:
+        """Every matrix's state, each from the rank that owns it, gathered on rank 0 (a collective: call it on
+        every rank; the others get None). Only owners' buffers are current: a rank that loaded a full state
+        on resume still holds copies of the others', stale after the first step."""
         sd = self.state_dict()
-        world, _ = self._world()
+        world, rank = self._world()
         if world == 1:
             return sd
-        shards = [None] * world
-        dist.all_gather_object(shards, {k: {n: t.cpu() for n, t in v.items()} for k, v in sd["state"].items()})
+        owner = [o for g in self.param_groups for o in self.owners(g["params"], world)]  # state_dict's order
+        # copies (.cpu() of a CPU tensor is the tensor itself): the live buffers change with the next step
+        mine = {k: {n: t.detach().to("cpu", copy=True) if torch.is_tensor(t) else t for n, t in v.items()}
+                for k, v in sd["state"].items() if owner[k] == rank}
+        shards = [None] * world if rank == 0 else None
+        dist.gather_object(mine, shards, dst=0)
+        if rank != 0:
+            return None
         merged = {}
         for shard in shards:
             merged.update(shard)
-        return {"state": merged, "param_groups": sd["param_groups"]}
+        return {"state": dict(sorted(merged.items())), "param_groups": sd["param_groups"]}

@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         model.loss_fn = fused_softcap_cross_entropy
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, schedule=cfg.muon_schedule,
-                row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_weight_decay)
+                row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_weight_decay, shard=distributed)
     adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
                              {"params": groups["scalar"], "lr": cfg.scalar_lr}],
                             betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
@@ -397,16 +397,20 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                "elapsed_s": round(elapsed, 3)}
         metrics.append(rec)
         in_warmdown = cfg.warmdown_frac > 0 and progress_of(step, elapsed) >= 1 - cfg.warmdown_frac
-        if master and cfg.swa_every and in_warmdown and step % cfg.swa_every == 0:
+        swa_due = bool(cfg.swa_every and in_warmdown and step % cfg.swa_every == 0)
+        if master and swa_due:
             save_atomic(cpu_state(model), ckpt_dir / f"step_{step:06d}.pt")
         if master and (step % cfg.log_every == 0 or step == 1):
             bar.set_postfix_str(f"step {step} loss {loss:.4f} {rec['tokens_per_s']:,} tok/s")
             bar.n = min(elapsed, cfg.max_seconds)
             bar.refresh()
             log.debug("step %d loss %.4f lr %.3f %.1f ms", step, loss, lr_mult, rec["step_ms"])
-        if cfg.resume_every_s and elapsed - last_snapshot > cfg.resume_every_s:
+        snapshot_due = bool(cfg.resume_every_s and elapsed - last_snapshot > cfg.resume_every_s)
+        if snapshot_due:
             snapshot(step, elapsed)
             last_snapshot = elapsed
+        if swa_due or snapshot_due:  # saving took time the stop check must see (every rank agrees on both)
+            _, elapsed = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
     train_seconds = elapsed_before + (time.perf_counter() - t_start)
     bar.close()
     if step == 0:

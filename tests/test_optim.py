@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -25,10 +26,14 @@ def set_grads(params, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=g)
 
 
-def run_steps(opt: Muon, params, steps: int = 3) -> None:
-    for s in range(steps):
+def run_steps(opt: Muon, params, steps: range) -> None:
+    for s in steps:
         set_grads(params, s)
         opt.step()
+
+
+def muon(params, shard: bool = False) -> Muon:
+    return Muon(params, lr=0.02, schedule="polar_express", weight_decay=0.1, shard=shard)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -36,11 +41,18 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         params = make_params()
-        opt = Muon(params, lr=0.02, schedule="polar_express", weight_decay=0.1)
-        run_steps(opt, params)
-        full = opt.full_state_dict()
+        opt = muon(params, shard=True)
+        run_steps(opt, params, range(3))
         owned = sorted(i for i, p in enumerate(params) if p in opt.state)
-        torch.save({"params": [p.detach() for p in params], "full": full, "owned": owned}, f"{out}/rank{rank}.pt")
+        full = opt.full_state_dict()  # rank 0 only, as a snapshot is written
+        snapshot = [copy.deepcopy(full)]  # as written to disk: loading must not alias what is checked below
+        dist.broadcast_object_list(snapshot, src=0)  # every rank reads the snapshot back on resume
+        resumed = muon(params, shard=True)
+        resumed.load_state_dict(snapshot[0])
+        run_steps(resumed, params, range(3, 5))
+        full_after = resumed.full_state_dict()
+        torch.save({"params": [p.detach() for p in params], "full": full, "full_after": full_after, "owned": owned},
+                   f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -51,30 +63,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sharded_muon_gives_the_single_process_result(tmp_path):
+def buffers(state: dict) -> list[torch.Tensor]:
+    return [state["state"][i]["momentum_buffer"].clone() for i in range(len(SHAPES))]
+
+
+def test_sharded_muon_gives_the_single_process_result_also_after_a_resume(tmp_path):
     params = make_params()
-    ref = Muon(params, lr=0.02, schedule="polar_express", weight_decay=0.1)
-    run_steps(ref, params)
+    ref = muon(params)
+    run_steps(ref, params, range(3))
+    ref_at_3 = buffers(ref.state_dict())
+    run_steps(ref, params, range(3, 5))
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     # each rank did the work for its own matrices only, and together they did all of it
     owned = [set(r["owned"]) for r in ranks]
     assert owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == set(range(len(SHAPES)))
-    for r in ranks:  # every rank ends with every matrix as one process computes it
+    for r in ranks:  # every rank ends with every matrix as one process computes it, across the resume
         for p, q in zip(r["params"], params):
             torch.testing.assert_close(p, q.detach(), rtol=0, atol=0)
-    # the gathered state holds every momentum buffer, loadable into a single-process optimizer
-    full = ranks[0]["full"]
-    assert sorted(full["state"]) == list(range(len(SHAPES)))
-    fresh = Muon(make_params(), lr=0.02, schedule="polar_express", weight_decay=0.1)
-    fresh.load_state_dict(full)
-    for i, p in enumerate(params):
-        torch.testing.assert_close(fresh.state[fresh.param_groups[0]["params"][i]]["momentum_buffer"],
-                                   ref.state[p]["momentum_buffer"], rtol=0, atol=0)
+    # the snapshot (rank 0) holds every momentum buffer as one process has it, before and after the resume
+    # (after it, every rank holds stale copies of the others' buffers: only owners' may be gathered)
+    assert ranks[1]["full"] is None and ranks[1]["full_after"] is None
+    for got, want in [(buffers(ranks[0]["full"]), ref_at_3), (buffers(ranks[0]["full_after"]),
+                                                              buffers(ref.state_dict()))]:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    fresh = muon(make_params())
+    fresh.load_state_dict(ranks[0]["full_after"])  # loadable into a single-process optimizer too
 
 
 def test_the_deal_balances_matrix_sizes_over_ranks():
-    opt = Muon(make_params())
+    opt = muon(make_params())
     params = opt.param_groups[0]["params"]
     owner = opt.owners(params, 2)
     load = [sum(p.numel() for p, o in zip(params, owner) if o == r) for r in range(2)]
