@@ -4,8 +4,9 @@
 # stage), EMA, GPTQ int6 fitted under the cap, eval with per-document LoRA TTT, compliance, submission folder.
 #
 #   here, once:    bash bench/prefect_wheels.sh        (.whl-prefect/, ~35 MB; .whl/ as in BENCHMARKS.md)
-#   device:        carry .whl, .whl-prefect and .gpu/corpus (1 part fits beside the wheels: PARTS=0)
-#                  PARTS=0 bash bench/gpu_record_run.sh     -> $OUT/results.tar.gz
+#                  mkdir -p .gpu/corpus1 && cp ../shared/data/bench_corpus/part_0.jsonl.zst .gpu/corpus1/
+#   device:        carry .whl, .whl-prefect and .gpu/corpus1 (one part fits beside the wheels in 64 MiB)
+#                  CORPUS=.gpu/corpus1 PARTS=0 bash bench/gpu_record_run.sh     -> $OUT/results.tar.gz
 #
 # One device command may run 600 s and the whole run takes longer (600 s of training + compile + eval), so
 # the command stops itself after STOP_AFTER seconds; call it again on the still-warm machine (within its idle

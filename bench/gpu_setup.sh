@@ -9,6 +9,7 @@ else
 fi
 export PYTHONUNBUFFERED=1 GOLF_STORE=${GOLF_STORE:-/tmp/golf-store}
 DOCS=${DOCS:-/tmp/bench_docs}
-if [ -d .gpu/corpus ] && [ ! -f "$DOCS/.done" ]; then
-  python3 bench/prepare_corpus.py --corpus .gpu/corpus --parts "${PARTS:-0,1,2}" --out "$DOCS" && touch "$DOCS/.done"
+CORPUS=${CORPUS:-.gpu/corpus}  # the carried bench_corpus parts (part_N.jsonl.zst)
+if [ -d "$CORPUS" ] && [ ! -f "$DOCS/.done" ]; then
+  python3 bench/prepare_corpus.py --corpus "$CORPUS" --parts "${PARTS:-0,1,2}" --out "$DOCS" && touch "$DOCS/.done"
 fi
