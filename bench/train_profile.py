@@ -89,7 +89,7 @@ def main() -> None:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     step_ms = med(fb_ms) + med(opt_ms)
     tok_s = cfg.batch_tokens / (step_ms / 1e3)
-    res = {"label": a.label, "fused_loss": cfg.fused_loss != "off", "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+    res = {"label": a.label, "fused_loss": hasattr(model, "loss_fn"), "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
            "warmup_s": round(warm, 1), "fwd_bwd_ms": round(med(fb_ms), 2), "optimizer_ms": round(med(opt_ms), 2),
            "step_ms": round(step_ms, 2), "tokens_per_s": round(tok_s),
            "tflops_per_s": round(tok_s * flops_per_token(mcfg, cfg.seq_len, model.recurrence_active) / 1e12, 1),
