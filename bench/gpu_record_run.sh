@@ -20,9 +20,10 @@ NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 nvidia-smi -L > $R/gpus.txt
 python3 -c "import prefect, torch; print('prefect', prefect.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')" \
   | tee $R/versions.txt || exit 1
-ARGS=(--preset record --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers=$(nproc)
+# PRESET and EXTRA (more --set flags) are for a dry run of this script on a CPU box: PRESET=tiny
+ARGS=(--preset ${PRESET:-record} --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers=$(nproc)
       --set train.nproc=$NGPU --set train.resume_every_s=30 --set eval.doc_isolation=true --set eval.ttt.method=lora
-      --set eval.nproc=$NGPU)
+      --set eval.nproc=$NGPU ${EXTRA:-})
 timeout --signal=TERM --kill-after=15 ${STOP_AFTER:-540} python3 -m golf.cli run "${ARGS[@]}" 2>&1 \
   | grep -v "it/s\]" | tee -a $R/run.log | tail -25
 echo "exit: ${PIPESTATUS[0]}" | tee -a $R/run.log
