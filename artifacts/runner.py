@@ -87,7 +87,18 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin)
 
 
+_IMPORTS: dict[tuple, set[str]] = {}  # (path, module, mtime, size) -> its imports: each file parsed once per process
+
+
 def _imports(path: Path, module: str) -> set[str]:
+    st = path.stat()
+    key = (str(path), module, st.st_mtime_ns, st.st_size)
+    if key not in _IMPORTS:
+        _IMPORTS[key] = _parse_imports(path, module)
+    return _IMPORTS[key]
+
+
+def _parse_imports(path: Path, module: str) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     pkg = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
@@ -123,7 +134,9 @@ def code_files(module: str) -> dict[str, Path]:
     return dict(sorted(seen.items()))
 
 
-_AST_LOCK = threading.Lock()  # CPython 3.11's AST constructor is not thread-safe; stages run in task threads
+# CPython 3.11's AST constructor is not thread-safe (stages run in task threads, and Prefect parses too): parse
+# under a lock, once per file version (_IMPORTS), and let flows that map stages over threads warm this first
+_AST_LOCK = threading.Lock()
 
 
 def code_digest(module: str) -> tuple[str, dict[str, str]]:

@@ -17,10 +17,14 @@ configure_prefect()
 from prefect import flow, unmapped  # noqa: E402  (the environment must be set before prefect is imported)
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
-from flows.pipeline import stage_task  # noqa: E402
+import dataclasses  # noqa: E402
+
+from artifacts.runner import code_digest  # noqa: E402
+from flows.pipeline import DEFAULT_CONFIG, stage_task  # noqa: E402
 from golf.config import PipelineConfig, config_from_dict  # noqa: E402
 from golf.pipeline import STAGE_BY_NAME  # noqa: E402
 from stages.quantize import QuantizeConfig  # noqa: E402
+from stages.ship import shipped_code  # noqa: E402
 
 UPSTREAM = ("tokenize", "train", "average")
 TABLE_KEY = "golf-quantize-sweep"
@@ -49,22 +53,44 @@ def format_table(rows: list[dict]) -> str:
 
 
 @flow(name="golf-quantize-sweep", log_prints=True)
-def quantize_sweep_flow(config: dict, store_root: str, quantize_configs: list[dict],
+def quantize_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str = "",
+                        quantize_configs: list[QuantizeConfig] | None = None,
                         labels: list[str] | None = None) -> dict:
-    """Upstream once (from the store when it can be), then quantize + eval for every quantize config."""
-    config_from_dict(PipelineConfig, config)  # refuse unknown keys before anything runs
-    for q in quantize_configs:
-        config_from_dict(QuantizeConfig, q)
+    """Upstream once (from the store when it can be), then quantize + eval for every quantize config.
+
+    Args:
+        config: every stage's settings; tokenize, train, average and eval come from here (a dict is accepted too)
+        store_root: the artifact store, shared by every worker ('' = $GOLF_STORE, else ./golf-store)
+        quantize_configs: the quantize settings to compare, one parallel task each (dicts are accepted too)
+        labels: a name per quantize config for the table (default: config 0, config 1, ...)
+    """
+    from artifacts.store import default_root
+    if isinstance(config, dict):  # called directly, not through Prefect's parameter validation
+        config = config_from_dict(PipelineConfig, config)  # refuses unknown keys before anything runs
+    quantize_configs = [config_from_dict(QuantizeConfig, q) if isinstance(q, dict) else q
+                        for q in quantize_configs or []]
+    if not quantize_configs:
+        raise ValueError("quantize_configs is empty: give at least one quantize config to compare")
+    if labels is not None and len(labels) != len(quantize_configs):
+        raise ValueError(f"{len(labels)} labels for {len(quantize_configs)} quantize configs")
+    store_root = store_root or str(default_root())
     labels = labels or [f"config {i}" for i in range(len(quantize_configs))]
+    sections = {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     keys, upstream = {}, []
     for name in UPSTREAM:
-        s = stage_task(name, config[name], {r: keys[r] for r in STAGE_BY_NAME[name].inputs}, store_root)
+        s = stage_task(name, sections[name], {r: keys[r] for r in STAGE_BY_NAME[name].inputs}, store_root)
         keys[name] = s["key"]
         upstream.append(s)
         print(f"{name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
 
+    # what parses Python source (the code digests of the stage keys, the shipped-code minifier) runs here, once,
+    # before the threads: CPython 3.11's AST constructor is not thread-safe, and Prefect parses in this thread too
+    code_digest(STAGE_BY_NAME["quantize"].module)
+    code_digest(STAGE_BY_NAME["eval"].module)
+    shipped_code()
     q_inputs = {r: keys[r] for r in STAGE_BY_NAME["quantize"].inputs}
-    q_futures = stage_task.map(unmapped("quantize"), quantize_configs, unmapped(q_inputs), unmapped(store_root))
+    q_futures = stage_task.map(unmapped("quantize"), [dataclasses.asdict(q) for q in quantize_configs],
+                               unmapped(q_inputs), unmapped(store_root))
     pending = []
     for label, fut in zip(labels, q_futures):
         try:
@@ -73,7 +99,7 @@ def quantize_sweep_flow(config: dict, store_root: str, quantize_configs: list[di
             pending.append((label, None, None, f"{type(e).__name__}: {e}"))
             continue
         ev_inputs = {"quantize": q["key"], "average": keys["average"], "tokenize": keys["tokenize"]}
-        pending.append((label, q, stage_task.submit("eval", config["eval"], ev_inputs, store_root), None))
+        pending.append((label, q, stage_task.submit("eval", sections["eval"], ev_inputs, store_root), None))
     rows = []
     for label, q, ev_future, error in pending:
         ev = None

@@ -83,6 +83,8 @@ def preset_parameters(fn, cfg: PipelineConfig | None, store_root: str | None) ->
             out[name] = store_root
         elif cfg is not None and name == "config":
             out[name] = dataclasses.asdict(cfg)
+        elif cfg is not None and name == "quantize_configs":  # the sweep: one entry to start the list from
+            out[name] = [dataclasses.asdict(cfg.quantize)]
         elif cfg is not None and name in {f.name for f in dataclasses.fields(PipelineConfig)}:
             out[name] = dataclasses.asdict(getattr(cfg, name))
     return out

@@ -60,6 +60,12 @@ def test_prefect_yaml_lists_every_flow_with_typed_parameters_and_described_field
     assert bits["type"] == "integer" and bits["description"] == field_comments(QuantizeConfig)["bits"]
     assert "2..8" in bits["description"]
     assert schema.properties["source_key"]["description"].startswith("an average key")
+    if sweep_present:  # the sweep's form: a list of QuantizeConfig objects, starting from the preset's
+        sweep = built["quantize-sweep"]
+        configs = sweep._parameter_openapi_schema.properties["quantize_configs"]
+        assert {"items": {"$ref": "#/definitions/QuantizeConfig"}, "type": "array"} in configs["anyOf"]
+        assert sweep.parameters["quantize_configs"] == [dataclasses.asdict(record.quantize)]
+        assert sweep._parameter_openapi_schema.properties["config"]["$ref"] == "#/definitions/PipelineConfig"
     model = built["pipeline"]._parameter_openapi_schema.definitions["ModelConfig"]["properties"]
     assert all("description" in p for name, p in model.items() if name in field_comments(
         __import__("stages.model", fromlist=["ModelConfig"]).ModelConfig))

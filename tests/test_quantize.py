@@ -257,3 +257,9 @@ def test_sweep_flow_maps_quantize_and_eval_and_publishes_one_table(pipeline_run)
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[TABLE_KEY])))
     table = json.loads(arts[-1].data) if isinstance(arts[-1].data, str) else arts[-1].data
     assert [r["config"] for r in table] == ["int8", "int6 sd", "tiny cap"] and "over the cap" in table[2]["error"]
+    # typed configs work as well as dicts; a typo is refused before anything runs
+    again = quantize_sweep_flow(config=cfg, store_root=str(store.root), quantize_configs=[cfg.quantize])
+    assert again["rows"][0]["quantize_key"] == results["quantize"].artifact.key
+    with pytest.raises(Exception, match="bitz"):  # Prefect's parameter validation refuses it
+        quantize_sweep_flow(config=dataclasses.asdict(cfg), store_root=str(store.root),
+                            quantize_configs=[{"bitz": 6}])
