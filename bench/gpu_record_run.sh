@@ -23,7 +23,7 @@ python3 -c "import prefect, torch; print('prefect', prefect.__version__, 'torch'
 # PRESET and EXTRA (more --set flags) are for a dry run of this script on a CPU box: PRESET=tiny
 ARGS=(--preset ${PRESET:-record} --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers=$(nproc)
       --set train.nproc=$NGPU --set train.resume_every_s=30 --set eval.doc_isolation=true --set eval.ttt.method=lora
-      --set eval.nproc=$NGPU ${EXTRA:-})
+      --set eval.nproc=$NGPU --set eval.on_budget=stop ${EXTRA:-})  # past 600 s of eval: score the rest unadapted
 timeout --signal=TERM --kill-after=15 ${STOP_AFTER:-540} python3 -m golf.cli run "${ARGS[@]}" 2>&1 \
   | grep -v "it/s\]" | tee -a $R/run.log | tail -25
 echo "exit: ${PIPESTATUS[0]}" | tee -a $R/run.log
