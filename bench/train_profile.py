@@ -18,8 +18,7 @@ import torch
 
 from golf.config import apply_overrides, preset
 from stages.model import GPT, flops_per_token
-from stages.optim import Muon
-from stages.train import split_params
+from stages.train import build_optimizers, use_fused_loss
 
 
 def main() -> None:
@@ -42,13 +41,10 @@ def main() -> None:
     model.recurrence_active = a.recurrence == "on" and mcfg.has_recurrence
     if a.eager_embed:  # aten's sort-based embedding backward instead of inductor's atomic scatter-add
         model.embed.forward = torch.compiler.disable(model.embed.forward)
-    if cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and mcfg.vocab_size >= 4096):  # the train stage's rule
+    if use_fused_loss(cfg, mcfg, dev):  # the train stage's rule and optimizers, so the profile is its step
         from stages.losses import fused_softcap_cross_entropy
         model.loss_fn = fused_softcap_cross_entropy
-    groups = split_params(model)
-    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum)
-    adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
-                             {"params": groups["scalar"], "lr": cfg.scalar_lr}], betas=(0.9, 0.95), fused=True)
+    muon, adam = build_optimizers(cfg, model, dev)
     fwd = torch.compile(model, dynamic=False)
     accum = cfg.batch_tokens // cfg.micro_batch_tokens
     rows = cfg.micro_batch_tokens // cfg.seq_len

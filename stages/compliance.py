@@ -49,7 +49,6 @@ Run it alone:  python -m stages.compliance --input tokenize=KEY --input train=KE
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ import numpy as np
 
 from artifacts import Artifact, Stage, StageContext
 from .bpb import bits_per_byte, piece_tables
-from .scoring import score_stream
+from .scoring import document_spans, score_stream
 from .shards import load_split
 from .dataset import Dataset
 
@@ -259,14 +258,6 @@ def check_ttt_order(events: list[dict] | None, n_scored: int, ttt_claimed: bool 
 
 
 # --- bits per byte -----------------------------------------------------------------------------------------
-def documents(tokens: np.ndarray, bos: int) -> list[tuple[int, int]]:
-    """(start, end) of each document in a stream where every document starts with BOS."""
-    starts = np.flatnonzero(tokens == bos).tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    return list(zip(starts, starts[1:] + [len(tokens)]))
-
-
 def decoded_bytes(sp, tokens: np.ndarray, bos: int, doc_hashes: np.ndarray | None = None,
                   last_complete: bool = False) -> tuple[int, int, int]:
     """UTF-8 bytes of the text the scored tokens (all but the first) decode to, document by document;
@@ -274,7 +265,7 @@ def decoded_bytes(sp, tokens: np.ndarray, bos: int, doc_hashes: np.ndarray | Non
     stage's SHA-256 prefix) out of how many were checked. The last document counts as complete only
     when ``last_complete`` (eval.max_tokens may cut it short)."""
     total = roundtrip = checked = 0
-    spans = documents(tokens, bos)
+    spans = document_spans(tokens, bos)
     for i, (a, b) in enumerate(spans):
         doc = tokens[a:b]
         text = sp.decode(doc[doc != bos].tolist())
@@ -313,11 +304,8 @@ def boundary_shift(model, tokens: np.ndarray, bos: int, normal_ids: np.ndarray, 
                    pairs: int, seed: int, doc_isolation: bool, device: str = "cpu") -> dict | None:
     """Score document B after document A, then after A' (A's tokens replaced at random, same length), the way
     eval scores the stream; return how far B's per-token NLLs moved. None when there are not two documents."""
-    spans = documents(tokens, bos)
+    spans = document_spans(tokens, bos)
     rng = np.random.default_rng(seed)
-    # a document-isolating eval passes doc_isolation=True to score_stream: score the same way
-    supported = "doc_isolation" in inspect.signature(score_stream).parameters
-    kwargs = {"doc_isolation": True} if doc_isolation and supported else {}
     shifts, first, n_tokens, used = [], [], 0, 0
     for k in range(min(pairs, len(spans) // 2)):
         (a0, a1), (b0, b1) = spans[2 * k], spans[2 * k + 1]
@@ -329,7 +317,7 @@ def boundary_shift(model, tokens: np.ndarray, bos: int, normal_ids: np.ndarray, 
         a_alt = a.copy()
         a_alt[1:] = rng.choice(normal_ids, size=la - 1)
         # targets la .. la+lb-2 predict B's tokens after its BOS (target la-1, B's BOS itself, belongs to A)
-        nll = [score_stream(model, np.concatenate([x, b]), seq_len, stride, device=device, **kwargs)[la:la + lb - 1]
+        nll = [score_stream(model, np.concatenate([x, b]), seq_len, stride, device=device, doc_isolation=doc_isolation)[la:la + lb - 1]
                for x in (a, a_alt)]
         d = np.abs(nll[0] - nll[1])
         shifts.append(d)

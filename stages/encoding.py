@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from .bpb import piece_tables
+from .bpb import piece_tables, token_bytes
 from .docs import Chunk, parse_chunk
 
 T = TypeVar("T")
@@ -61,12 +61,7 @@ class _Encoder:
     def byte_counts(self, tokens: np.ndarray) -> np.ndarray:
         """Bytes per token by the piece-table rule. Every document starts with BOS, a boundary, so the
         rule applied to the concatenation equals the rule applied to each document alone."""
-        base, space, boundary = self.tables
-        t = tokens.astype(np.int64)
-        prev_boundary = np.empty(len(t), dtype=bool)
-        prev_boundary[:1] = True
-        prev_boundary[1:] = boundary[t[:-1]]
-        return (base[t] + (space[t] & ~prev_boundary)).astype(np.uint16)
+        return token_bytes(tokens, self.tables).astype(np.uint16)
 
 
 _WORKER: _Encoder | None = None
