@@ -33,7 +33,8 @@ from stages.bpb import bits_per_byte  # noqa: E402
 from stages.model import GPT, ModelConfig  # noqa: E402
 from stages.qpack import COMPRESSORS, available_compressors  # noqa: E402
 from stages.quant import decode_weights  # noqa: E402
-from stages.quantize import QuantizeConfig, calibrate, quantize_weights, resolve_device  # noqa: E402
+from stages.devices import resolve_device  # noqa: E402
+from stages.quantize import QuantizeConfig, calibrate, quantize_weights  # noqa: E402
 from stages.scoring import score_stream  # noqa: E402
 from stages.tokenize import Dataset  # noqa: E402
 

@@ -62,6 +62,7 @@ from .bpb import bits_per_byte, piece_tables
 from .scoring import document_spans, score_stream
 from .shards import load_split
 from .dataset import Dataset
+from .devices import resolve_device
 
 log = logging.getLogger("golf.compliance")
 
@@ -317,7 +318,8 @@ def boundary_shift(model, tokens: np.ndarray, bos: int, normal_ids: np.ndarray, 
         a_alt = a.copy()
         a_alt[1:] = rng.choice(normal_ids, size=la - 1)
         # targets la .. la+lb-2 predict B's tokens after its BOS (target la-1, B's BOS itself, belongs to A)
-        nll = [score_stream(model, np.concatenate([x, b]), seq_len, stride, device=device, doc_isolation=doc_isolation)[la:la + lb - 1]
+        nll = [score_stream(model, np.concatenate([x, b]), seq_len, stride, device=device,
+                            doc_isolation=doc_isolation)[la:la + lb - 1]
                for x in (a, a_alt)]
         d = np.abs(nll[0] - nll[1])
         shifts.append(d)
@@ -395,7 +397,6 @@ def write_report(checks: list[dict], out: Path, extra: dict) -> dict:
 
 def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     import sentencepiece as spm
-    import torch
     from .shipped_eval import load_model
 
     q, tr, avg, ev, tok = (inputs[r] for r in ("quantize", "train", "average", "eval", "tokenize"))
@@ -441,7 +442,7 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
 
     # boundary leak: the artifact's own model, scored as eval scores
     isolated = bool(eval_info.get("doc_isolation", False))
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device, "compliance.device")
     model = load_model(q.file("weights.bin").read_bytes()).to(device)
     _, _, boundary = piece_tables(sp)
     shift = boundary_shift(model, all_tokens, bos, np.flatnonzero(~boundary), int(ev.metrics.get("seq_len", 1024)),

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
 from .average import load_weights
+from .devices import resolve_device
 from .bpb import bits_per_byte, piece_tables, token_bytes
 from .dataset import Dataset
 from .model import GPT
@@ -93,18 +94,13 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalConfigError(f"eval.stride must be in 0..seq_len ({cfg.seq_len}), got {cfg.stride}")
 
 
-def resolve_device(cfg: EvalConfig) -> torch.device:
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-
-
 def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict:
     """Evaluate in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
     from tqdm import tqdm
     import sentencepiece as spm
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device, "eval.device")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

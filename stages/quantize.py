@@ -29,6 +29,7 @@ import torch
 
 from artifacts import Artifact, Stage, StageContext
 from .average import load_weights
+from .devices import resolve_device
 from .gptq import (collect_hessians, lqer, output_error, parse_clip, quantize_matrix, sort_rows,
                    weight_error)
 from .model import GPT, ModelConfig
@@ -123,14 +124,6 @@ def fixed_schemes(cfg: QuantizeConfig) -> dict[str, GroupScheme]:
             "attn": GroupScheme(cfg.attn_bits or cfg.bits, cfg.attn_clip or cfg.clip),
             "mlp": GroupScheme(cfg.mlp_bits or cfg.bits, cfg.mlp_clip or cfg.clip),
             "other": GroupScheme(cfg.bits, cfg.clip)}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("quantize.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 # --- training-data slices ------------------------------------------------------------------------
@@ -264,7 +257,7 @@ def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, ds:
     """Quantize, pack and size one state dict under ``cfg``; check the round trip and the cap.
 
     ``hessians`` (from ``calibrate``) may be passed in to share one calibration between configs."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "quantize.device")
     meta = {"model_config": dataclasses.asdict(model_cfg)}
     metrics: dict = {"calibration_seconds": 0.0}
     H = None

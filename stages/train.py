@@ -34,6 +34,7 @@ from .model import GPT, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
 from .shards import load_tokens
 from .dataset import Dataset
+from .devices import resolve_device
 
 log = logging.getLogger("golf.train")
 
@@ -124,18 +125,6 @@ class TokenStream:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        kind = cfg.device
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA GPU is visible")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def split_params(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
     """matrix -> Muon; embed and scalar -> Adam."""
     groups = {"matrix": [], "embed": [], "scalar": []}
@@ -224,7 +213,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
     """Train in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device, "train.device")
     distributed = world > 1
     if distributed and not dist.is_initialized():
         if device.type == "cuda":
