@@ -55,6 +55,21 @@ def stage_task(stage_name: str, config: dict, input_keys: dict[str, str], store_
     return summary
 
 
+def run_stages(names: list[str], configs: dict[str, object], keys: dict[str, str], store_root: str,
+               force: list[str] | None = None) -> list[dict]:
+    """Run ``names`` in DAG order as stage tasks, each reading its inputs from ``keys`` (which grows as stages
+    finish), each config from ``configs`` (stage name -> config dataclass); print one line per stage."""
+    forced = set(check_stage_names(force or []))
+    summaries = []
+    for name in names:
+        s = stage_task(name, dataclasses.asdict(configs[name]), {r: keys[r] for r in STAGE_BY_NAME[name].inputs},
+                       store_root, name in forced)
+        keys[name] = s["key"]
+        summaries.append(s)
+        print(f"{name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
+    return summaries
+
+
 @flow(name="golf-pipeline", log_prints=True)
 def pipeline_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str = "", force: list[str] | None = None,
                   until: str | None = None) -> list[dict]:
@@ -69,18 +84,12 @@ def pipeline_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str = "",
     if isinstance(config, dict):  # called directly, not through Prefect's parameter validation
         config = config_from_dict(PipelineConfig, config)
     store_root = store_root or str(default_root())
-    forced = set(check_stage_names(force or []))
-    keys: dict[str, str] = {}
-    summaries = []
-    for stage in STAGES:
-        summary = stage_task(stage.name, dataclasses.asdict(getattr(config, stage.name)),
-                             {r: keys[r] for r in stage.inputs}, store_root, stage.name in forced)
-        keys[stage.name] = summary["key"]
-        summaries.append(summary)
-        print(f"{stage.name:<10} {'cached' if summary['cached'] else 'built ':<6} {summary['key']}")
-        if stage.name == until:
-            break
-    return summaries
+    names = [s.name for s in STAGES]
+    if until:
+        check_stage_names([until])
+        names = names[: names.index(until) + 1] if until in names else names  # 'all': every stage
+    configs = {name: getattr(config, name) for name in names}
+    return run_stages(names, configs, {}, store_root, force)
 
 
 if __name__ == "__main__":

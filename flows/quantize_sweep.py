@@ -20,7 +20,7 @@ from prefect.artifacts import create_table_artifact  # noqa: E402
 import dataclasses  # noqa: E402
 
 from artifacts.runner import code_digest  # noqa: E402
-from flows.pipeline import DEFAULT_CONFIG, stage_task  # noqa: E402
+from flows.pipeline import DEFAULT_CONFIG, run_stages, stage_task  # noqa: E402
 from golf.config import PipelineConfig, config_from_dict  # noqa: E402
 from golf.pipeline import STAGE_BY_NAME  # noqa: E402
 from stages.quantize import QuantizeConfig  # noqa: E402
@@ -75,13 +75,8 @@ def quantize_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str
         raise ValueError(f"{len(labels)} labels for {len(quantize_configs)} quantize configs")
     store_root = store_root or str(default_root())
     labels = labels or [f"config {i}" for i in range(len(quantize_configs))]
-    sections = {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    keys, upstream = {}, []
-    for name in UPSTREAM:
-        s = stage_task(name, sections[name], {r: keys[r] for r in STAGE_BY_NAME[name].inputs}, store_root)
-        keys[name] = s["key"]
-        upstream.append(s)
-        print(f"{name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
+    keys: dict[str, str] = {}
+    upstream = run_stages(list(UPSTREAM), {name: getattr(config, name) for name in UPSTREAM}, keys, store_root)
 
     # what parses Python source (the code digests of the stage keys, the shipped-code minifier) runs here, once,
     # before the threads: CPython 3.11's AST constructor is not thread-safe, and Prefect parses in this thread too
@@ -99,7 +94,7 @@ def quantize_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str
             pending.append((label, None, None, f"{type(e).__name__}: {e}"))
             continue
         ev_inputs = {"quantize": q["key"], "average": keys["average"], "tokenize": keys["tokenize"]}
-        pending.append((label, q, stage_task.submit("eval", sections["eval"], ev_inputs, store_root), None))
+        pending.append((label, q, stage_task.submit("eval", dataclasses.asdict(config.eval), ev_inputs, store_root), None))
     rows = []
     for label, q, ev_future, error in pending:
         ev = None

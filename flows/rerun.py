@@ -9,8 +9,6 @@ through the pipeline's own task, so keys and caching are the same as in ``golf r
 
 from __future__ import annotations
 
-import dataclasses
-
 from golf.prefect_env import configure_prefect
 
 configure_prefect()
@@ -19,27 +17,12 @@ from prefect import flow  # noqa: E402  (the environment must be set before pref
 
 from artifacts import ArtifactStore  # noqa: E402
 from artifacts.store import default_root  # noqa: E402
-from flows.pipeline import DEFAULT_CONFIG, stage_task  # noqa: E402
-from golf.pipeline import STAGE_BY_NAME, check_stage_names  # noqa: E402
+from flows.pipeline import DEFAULT_CONFIG, run_stages  # noqa: E402
 from golf.reruns import stages_after, start_from  # noqa: E402
 from stages.average import AverageConfig  # noqa: E402
 from stages.compliance import ComplianceConfig  # noqa: E402
 from stages.evaluate import EvalConfig  # noqa: E402
 from stages.quantize import QuantizeConfig  # noqa: E402
-
-
-def run_downstream(keys: dict[str, str], configs: dict[str, object], names: list[str], store_root: str,
-                   force: list[str] | None) -> list[dict]:
-    """Run ``names`` in DAG order, each reading its inputs from ``keys`` (which grows as stages finish)."""
-    forced = set(check_stage_names(force or []))
-    summaries = []
-    for name in names:
-        s = stage_task(name, dataclasses.asdict(configs[name]), {r: keys[r] for r in STAGE_BY_NAME[name].inputs},
-                       store_root, name in forced)
-        keys[name] = s["key"]
-        summaries.append(s)
-        print(f"{name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
-    return summaries
 
 
 @flow(name="golf-quantize-only", log_prints=True)
@@ -62,7 +45,7 @@ def quantize_only_flow(source_key: str = "", quantize: QuantizeConfig = DEFAULT_
     store_root = store_root or str(default_root())
     stage, keys = start_from(ArtifactStore(store_root), source_key, ("train", "average"), "quantize-only")
     configs = {"average": average, "quantize": quantize, "eval": eval, "compliance": compliance}
-    return run_downstream(keys, configs, stages_after(stage, until), store_root, force)
+    return run_stages(stages_after(stage, until), configs, keys, store_root, force)
 
 
 @flow(name="golf-eval-only", log_prints=True)
@@ -82,4 +65,4 @@ def eval_only_flow(quantize_key: str = "", eval: EvalConfig = DEFAULT_CONFIG.eva
     store_root = store_root or str(default_root())
     stage, keys = start_from(ArtifactStore(store_root), quantize_key, ("quantize",), "eval-only")
     configs = {"eval": eval, "compliance": compliance}
-    return run_downstream(keys, configs, stages_after(stage, until), store_root, force)
+    return run_stages(stages_after(stage, until), configs, keys, store_root, force)
