@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from artifacts import Artifact, Stage, StageContext
 from .average import load_weights
 from .devices import resolve_device
+from .launch import die_with_launcher, run_workers
 from .bpb import bits_per_byte, piece_tables, token_bytes
 from .dataset import Dataset
 from .model import GPT
@@ -192,13 +192,8 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
 def build(cfg: EvalConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     check_config(cfg)
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-               "-m", "stages.evaluate", "--worker", "--out", str(ctx.dir), "--config-json",
-               json.dumps(dataclasses.asdict(cfg))] + [f"--input={r}={inputs[r].path}" for r in STAGE.inputs]
-        log.info("launching: %s", " ".join(cmd[:8]) + " ...")
-        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
-        if proc.returncode:
-            raise EvalError(f"torchrun exited with code {proc.returncode} (see the log above)")
+        run_workers("stages.evaluate", cfg.nproc, ["--out", str(ctx.dir), "--config-json",
+                    json.dumps(dataclasses.asdict(cfg))] + [f"--input={r}={inputs[r].path}" for r in STAGE.inputs])
         return json.loads((ctx.dir / "eval.json").read_text())
     return evaluate(cfg, inputs, ctx.dir)
 
@@ -226,6 +221,7 @@ def _worker_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
+        die_with_launcher()
         _worker_main(sys.argv[1:])
     else:
         from golf.stage_cli import stage_main

@@ -2,7 +2,9 @@
 
 Leaves the final weights, the EMA weights, the checkpoints that weight averaging needs (every
 ``swa_every`` steps during warmdown), a per-step metrics file and a loss-curve plot. A killed run
-resumes from its last resume point when rerun with the same config (the manifest says so).
+resumes from its last resume point when rerun with the same config (the manifest says so). While it
+runs, each step's record is appended to ``metrics.live.jsonl`` in the store's work directory for the
+stage (``golf-store/work/train-KEY/``), so a long or killed run can be looked at before it ends.
 
 Run it alone (one process):     python -m stages.train --input tokenize=KEY
 On 8 GPUs (the stage launches torchrun itself when nproc > 1):
@@ -17,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from .optim import Muon
 from .shards import load_tokens
 from .dataset import Dataset
 from .devices import resolve_device
+from .launch import die_with_launcher, run_workers, torchrun_command
 
 log = logging.getLogger("golf.train")
 
@@ -315,8 +317,11 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         resumed_from = step
         if master:
             log.info("resumed from step %d (%.1f s of training already done)", step, elapsed_before)
+    live = None  # work/metrics.live.jsonl: every step's record as it happens (from the snapshot on a resume)
     if master:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        live = open(work / "metrics.live.jsonl", "w", buffering=1)
+        live.writelines(json.dumps(m) + "\n" for m in metrics)
         n_params = model.num_params()
         log.info("model %s: %.2fM params; %d processes on %s; grad accumulation %d; compile=%s",
                  mcfg, n_params / 1e6, world, device, grad_accum, use_compile)
@@ -395,6 +400,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
                "elapsed_s": round(elapsed, 3)}
         metrics.append(rec)
+        if live is not None:
+            live.write(json.dumps(rec) + "\n")
         in_warmdown = cfg.warmdown_frac > 0 and progress_of(step, elapsed) >= 1 - cfg.warmdown_frac
         swa_due = bool(cfg.swa_every and in_warmdown and step % cfg.swa_every == 0)
         if master and swa_due:
@@ -412,6 +419,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             _, elapsed = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
     train_seconds = elapsed_before + (time.perf_counter() - t_start)
     bar.close()
+    if live is not None:
+        live.close()
     if step == 0:
         raise RuntimeError(f"no training step finished within max_seconds={cfg.max_seconds}")
 
@@ -467,14 +476,10 @@ def build(cfg: TrainConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -
     under_torchrun = "LOCAL_RANK" in os.environ
     resumed = (ctx.work / "resume.pt").exists()
     if cfg.nproc > 1 and not under_torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-               "-m", "stages.train", "--worker", "--dataset", str(dataset_dir), "--out", str(ctx.dir),
-               "--work", str(ctx.work), "--config-json", json.dumps(dataclasses.asdict(cfg))]
-        log.info("launching: %s", " ".join(cmd[:8]) + " ...")
-        (ctx.dir / "launch.txt").write_text(" ".join(cmd) + "\n")
-        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
-        if proc.returncode:
-            raise RuntimeError(f"torchrun exited with code {proc.returncode} (see the log above)")
+        args = ["--dataset", str(dataset_dir), "--out", str(ctx.dir), "--work", str(ctx.work),
+                "--config-json", json.dumps(dataclasses.asdict(cfg))]
+        (ctx.dir / "launch.txt").write_text(" ".join(torchrun_command("stages.train", cfg.nproc, args)) + "\n")
+        run_workers("stages.train", cfg.nproc, args)
         metrics = json.loads((ctx.dir / "train.json").read_text())
     else:
         (ctx.dir / "launch.txt").write_text(" ".join(sys.argv) + "\n")
@@ -505,6 +510,7 @@ def _worker_main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
+        die_with_launcher()
         _worker_main(sys.argv[1:])
     else:
         from golf.stage_cli import stage_main

@@ -29,7 +29,7 @@ def test_two_processes_follow_the_single_process_loss_curve(store, fast_cfg):
     a = {r.artifact.stage: r.artifact for r in run_pipeline(one, store, until="train")}["train"]
     b = {r.artifact.stage: r.artifact for r in run_pipeline(two, store, until="train")}["train"]
     assert a.key != b.key
-    assert b.metrics["world_size"] == 2 and "torch.distributed.run" in b.file("launch.txt").read_text()
+    assert b.metrics["world_size"] == 2 and "stages.launch" in b.file("launch.txt").read_text()
     assert losses(a) == pytest.approx(losses(b), rel=2e-3)
 
 
@@ -52,8 +52,51 @@ def test_a_killed_run_resumes_from_its_last_snapshot(store):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not any(k.startswith("train-") for k in store.keys())  # nothing half-written
+    live = [json.loads(line) for line in (snapshot.parent / "metrics.live.jsonl").read_text().splitlines()]
+    assert live and [m["step"] for m in live] == list(range(1, len(live) + 1))  # the steps so far, for a look
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     art = store.get(json.loads(rerun.stdout)["key"])
     assert art.manifest["resumed"]["from_step"] > 0
     assert art.metrics["steps"] == 60 and len(losses(art)) == 60
+
+
+def _workers_of(store_root) -> list[int]:
+    """Pids of the processes whose command line names this store and --worker: torchrun and its workers."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                argv = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"--worker" in argv and any(str(store_root).encode() in a for a in argv):
+                pids.append(int(d))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_no_worker_outlives_a_stopped_stage(store, sig):
+    """torchrun starts workers in sessions of their own: a signal to golf alone used to leave them training
+    on (and writing into the work directory a rerun resumes from). Now they end with the stage."""
+    tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
+    cmd = [sys.executable, "-m", "stages.train", "--store", str(store.root), "--input", f"tokenize={tok.key}",
+           "--set", "nproc=2", "--set", "max_steps=100000", "--set", "max_seconds=600", "--set", "resume_every_s=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while len(_workers_of(store.root)) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(_workers_of(store.root)) == 3, "torchrun and its two workers never started"
+        proc.send_signal(sig)  # to the stage's process only, not its group
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while _workers_of(store.root) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _workers_of(store.root) == []
+    finally:
+        for pid in _workers_of(store.root):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,111 @@
+"""One way to run a stage's workers under torchrun, and to make sure none of them outlives the stage.
+
+torchrun starts each worker in a session of its own, so a signal sent to the process group that ran
+``golf`` (a shell's Ctrl-C, ``timeout``, a scheduler stopping a job) never reaches the workers, and
+torchrun itself can die without passing it on. Orphaned workers then keep the GPUs busy, go on writing
+snapshots and checkpoints into the work directory that a resumed run is using, and hold the stage's
+output pipe open. Three links close that gap:
+
+* ``run_workers`` waits on torchrun and, if the stage is interrupted (any exception, SIGINT, Prefect's
+  termination), stops torchrun: SIGTERM, then SIGKILL after ``grace_s``;
+* torchrun runs through this module (``python -m stages.launch``), which first asks Linux to send it
+  SIGTERM when the ``golf`` thread that started it dies, whatever killed that one;
+* each worker calls ``die_with_launcher()`` first thing, which does the same for the worker: SIGKILL when
+  torchrun dies. Nothing a worker holds outlives its coordinator usefully (its peers are gone with it).
+
+Elsewhere than Linux the second and third links are missing and only the first holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("golf.launch")
+
+ROOT = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+_LAUNCHER_PID = "GOLF_LAUNCHER_PID"  # torchrun's pid, as seen by its workers
+
+
+class WorkersFailed(RuntimeError):
+    """torchrun ended with a non-zero exit code."""
+
+
+def _die_with_parent(sig: int, expected_parent: int | None) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies; False where that is not
+    possible. If the parent is already gone (it died before the request), die now."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def die_with_launcher() -> None:
+    """Called by a worker under torchrun before anything else: SIGKILL this worker when torchrun dies."""
+    launcher = os.environ.get(_LAUNCHER_PID)
+    if launcher:
+        _die_with_parent(signal.SIGKILL, int(launcher))
+
+
+def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "stages.launch", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", module, "--worker", *args]
+
+
+def run_workers(module: str, nproc: int, args: list[str], grace_s: float = 15.0) -> list[str]:
+    """Run ``python -m module --worker ARGS`` in ``nproc`` processes under torchrun and wait for them.
+
+    Returns the command (for the stage's records); raises WorkersFailed on a non-zero exit. Interrupted
+    by anything, it stops torchrun (and through it every worker) before passing the interruption on."""
+    cmd = torchrun_command(module, nproc, args)
+    log.info("launching: %s", " ".join(cmd[:8]) + " ...")
+    env = dict(os.environ, GOLF_PARENT_PID=str(os.getpid()))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        code = proc.wait()
+    except BaseException:
+        stop(proc, grace_s)
+        raise
+    if code:
+        raise WorkersFailed(f"torchrun ({nproc} processes of {module}) exited with code {code} (see the log above)")
+    return cmd
+
+
+def stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL: torchrun's workers follow it (die_with_launcher)."""
+    if proc.poll() is not None:
+        return
+    log.warning("stopping torchrun (pid %d) and its workers", proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _launcher_main() -> None:
+    """``python -m stages.launch TORCHRUN_ARGS``: torchrun, bound to the life of the process that started it."""
+    parent = os.environ.pop("GOLF_PARENT_PID", None)
+    _die_with_parent(signal.SIGTERM, int(parent) if parent else None)
+    os.environ[_LAUNCHER_PID] = str(os.getpid())
+    sys.argv = ["torchrun", *sys.argv[1:]]
+    runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    _launcher_main()
