@@ -35,6 +35,7 @@ from .encoding import encode_chunk, init_worker, ordered_map
 from .published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
     summarise_split, val_byte_counts
 from .dataset import Dataset  # noqa: F401  (re-exported for callers of the old location)
+from .progress import progress_bar
 from .shards import ShardWriter
 from .sptrain import check_vocab, train_sentencepiece
 
@@ -121,7 +122,6 @@ def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_d
     ``pool``: an already started pool of :func:`stages.encoding.init_worker` processes (benchmarks);
     ``chunk_bytes``: jsonl bytes per worker task (0: :data:`stages.docs.CHUNK_BYTES`; the output is the same
     for any value)."""
-    from tqdm import tqdm
     sp = load_tokenizer(model_path)
     writers = {s: ShardWriter(out_dir, s, tokens_per_shard) for s in ("val", "train")}
     hashes: dict[str, list[np.ndarray]] = {"val": [], "train": []}
@@ -132,7 +132,7 @@ def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_d
     # a chunk may hold val documents only if fewer than val_docs lines/rows came before it
     tasks = ((chunk, chunk.before < val_docs) for chunk in iter_chunks(files, chunk_bytes))
     results = ordered_map(encode_chunk, tasks, workers, init_worker, (str(model_path),), pool=pool)
-    bar = tqdm(desc="tokenize", unit="B", unit_scale=True, mininterval=1.0, disable=None if progress else True)
+    bar = progress_bar(log, "tokenize", unit="B", enabled=progress, unit_scale=True, mininterval=1.0)
     t0 = time.perf_counter()
     try:
         for enc in results:

@@ -37,6 +37,7 @@ from .shards import load_tokens
 from .dataset import Dataset
 from .devices import resolve_device
 from .launch import die_with_launcher, run_workers, torchrun_command
+from .progress import progress_bar
 
 log = logging.getLogger("golf.train")
 
@@ -285,6 +286,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
     # --- compile warm-up: run steps, then restore the initial state (not counted, as the records do)
     t_warm = time.perf_counter()
     if cfg.compile_warmup_steps and use_compile:
+        if master:
+            log.info("compiling: %d warm-up steps, then the state is restored (not timed)", cfg.compile_warmup_steps)
         init = cpu_state(model)
         opt_init = [opt.state_dict() for opt in optimizers]
         loader_init = stream.state()
@@ -297,6 +300,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             opt.load_state_dict(sd)
         stream.load_state(loader_init)
     warmup_seconds = time.perf_counter() - t_warm
+    if master and cfg.compile_warmup_steps and use_compile:
+        log.info("compile warm-up took %.1f s", warmup_seconds)
 
     # --- resume
     ckpt_dir = work / "checkpoints"
@@ -347,9 +352,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                          "rng": torch.get_rng_state()}, resume_path)
 
     # --- the timed loop
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.max_seconds, unit="s", desc="train", disable=not master or None,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}", initial=min(elapsed_before, cfg.max_seconds))
+    bar = progress_bar(log, "train", total=cfg.max_seconds, unit="s", enabled=master,
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s {postfix}", initial=min(elapsed_before, cfg.max_seconds))
     flops_tok = flops_per_token(mcfg, cfg.seq_len)
     t_start = time.perf_counter()
     stop_reason = "max_seconds"

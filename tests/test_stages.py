@@ -48,11 +48,15 @@ def test_training_honours_the_wallclock_cap_and_leaves_what_averaging_needs(pipe
     assert len(lines) == 8 and {"loss", "lr_mult", "tokens_per_s", "step_ms"} <= set(json.loads(lines[0]))
 
 
-def test_wallclock_cap_stops_training(store, fast_cfg):
+def test_wallclock_cap_stops_training(store, fast_cfg, caplog):
     from golf.config import apply_overrides
     from golf.pipeline import run_pipeline
     cfg = apply_overrides(fast_cfg, ["train.max_steps=0", "train.max_seconds=3"])
-    res = {r.artifact.stage: r for r in run_pipeline(cfg, store, until="train")}
+    with caplog.at_level("INFO", logger="golf.train"):
+        res = {r.artifact.stage: r for r in run_pipeline(cfg, store, until="train")}
+    # stderr is no terminal here: the progress goes to the log instead of a silent tqdm bar
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert progress and "/3 s" in progress[-1] and "step " in progress[-1]
     art = res["train"].artifact
     assert art.metrics["stop_reason"] == "max_seconds"
     elapsed = [json.loads(line)["elapsed_s"] for line in art.file("metrics.jsonl").read_text().splitlines()]
