@@ -42,6 +42,7 @@ from artifacts import Artifact, Stage, StageContext
 from .average import load_weights
 from .devices import resolve_device
 from .launch import die_with_launcher, run_workers
+from .progress import progress_bar
 from .bpb import bits_per_byte, piece_tables, token_bytes
 from .dataset import Dataset
 from .model import GPT
@@ -96,7 +97,6 @@ def check_config(cfg: EvalConfig) -> None:
 
 def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict:
     """Evaluate in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
-    from tqdm import tqdm
     import sentencepiece as spm
 
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -125,8 +125,8 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
                          doc_isolation=cfg.doc_isolation)
 
         def score(model, ttt: TTTConfig, label: str, spent_s: float = 0.0, budget: bool = False) -> dict:
-            bar = tqdm(total=len(tokens) - 1, desc=f"eval {label}", unit="tok", unit_scale=True, mininterval=2.0,
-                       disable=None if rank == 0 else True)
+            bar = progress_bar(log, f"eval {label}", total=len(tokens) - 1, unit="tok", enabled=rank == 0,
+                               unit_scale=True, mininterval=2.0)
             res = EvalLoop(model, tokens, bos_id=ds.bos_id, ttt=ttt, budget_s=cfg.budget_seconds if budget else 0.0,
                            on_budget=cfg.on_budget, spent_s=spent_s, progress=bar.update, **loop_args).run()
             bar.close()
@@ -144,7 +144,11 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
         warm_s = 0.0
         if cfg.warmup:
             n_warm = min(len(tokens), max(4 * cfg.seq_len, 2 * cfg.ttt.chunk_tokens if cfg.ttt.method == "sgd" else 0))
+            if rank == 0:
+                log.info("warm-up on %d random tokens (compiles the kernels; not timed)", n_warm)
             warm_s = warm_up(model, model.cfg.vocab_size, ds.bos_id, n_warm, ttt=cfg.ttt, **loop_args)
+            if rank == 0:
+                log.info("warm-up took %.1f s", warm_s)
         res = score(model, cfg.ttt, "quantized" + ("" if cfg.ttt.method == "none" else f" + TTT {cfg.ttt.method}"),
                     spent_s=load_s, budget=True)
         nll, ttt_on = res["nll"], cfg.ttt.method != "none"
@@ -158,7 +162,11 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
                        "budget_seconds": cfg.budget_seconds, "on_budget": cfg.on_budget,
                        "budget_stop": res["budget_stop"], "seq_len": cfg.seq_len, "stride": cfg.stride or cfg.seq_len,
                        "doc_isolation": cfg.doc_isolation, "ttt": cfg.ttt.method if ttt_on else False,
-                       "adapt_steps": res["adapt_steps"], "world_size": world, "device": device.type})
+                       "adapt_steps": res["adapt_steps"], "world_size": world, "device": device.type,
+                       "graphs_compiled_in_timed_loop": res["graphs_compiled_in_loop"]})
+        if res["graphs_compiled_in_loop"] and rank == 0:
+            log.warning("%d graph(s) were compiled inside the timed eval loop (rank 0): a batch shape the "
+                        "warm-up did not reach; their compile time is in the eval seconds", res["graphs_compiled_in_loop"])
         if ttt_on and cfg.no_ttt_diagnostic:
             plain = score(load_model(blob).to(device), TTTConfig(), "quantized, no TTT")
             result["no_ttt_val_bpb"] = bits_per_byte(plain["nll"].sum(), n_bytes)

@@ -360,9 +360,11 @@ class EvalLoop:
         self._starts = [w[2] for w in self.windows]
         self._ends = [w[3] for w in self.windows]
         self.model.eval()
+        graphs_before = _compiled_graphs()
         self.t0 = time.perf_counter()
         {"none": self.run_plain, "sgd": self.run_sgd, "lora": self.run_docs, "phased": self.run_docs}[self.ttt.method]()
         busy = time.perf_counter() - self.t0
+        compiled = _compiled_graphs() - graphs_before
         nll, count = self.nll, self.count
         if self.world > 1:  # each target was scored on one rank: a float64 sum gathers them exactly
             both = torch.from_numpy(np.stack([nll, count.astype(np.float64)])).to(self.comm_device)
@@ -383,7 +385,16 @@ class EvalLoop:
         loop, _, adapt = stats
         return {"nll": nll, "events": merge_events(events), "loop_seconds": loop, "ttt_seconds": adapt,
                 "score_seconds": loop - adapt, "budget_stop": next((s for s in stopped if s), None),
-                "adapt_steps": sum(1 for e in events if e[4] == "adapt")}
+                "adapt_steps": sum(1 for e in events if e[4] == "adapt"), "graphs_compiled_in_loop": compiled}
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (a compile inside a timed loop costs its clock)."""
+    try:
+        from torch._dynamo.utils import counters
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, TypeError):
+        return 0
 
 
 def merge_events(events: list[tuple]) -> list[dict]:
@@ -398,14 +409,34 @@ def merge_events(events: list[tuple]) -> list[dict]:
     return out
 
 
-def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, **loop_args) -> float:
-    """Run the same loop on random tokens (never val data) with a copy of the model, so CUDA start-up and
-    kernel compilation happen before the clock starts; the seconds it took."""
-    t = time.perf_counter()
+def warm_up_tokens(vocab_size: int, bos_id: int, n_tokens: int, seq_len: int) -> np.ndarray:
+    """Random tokens (never val data) laid out in documents that reach every batch shape the eval can use:
+    one document per padded window length (128, 256, ... seq_len) for the scoring and LoRA batches, one of
+    2 * seq_len + 64 tokens for full sliding windows, their tails and LoRA's growing windows, then random
+    documents up to ``n_tokens`` (SGD's chunks). A shape first met inside the timed loop would compile there."""
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, vocab_size, size=n_tokens)
+    lengths, p = [], min(128, seq_len)
+    while True:
+        lengths.append(p)
+        if p >= seq_len:
+            break
+        p = min(2 * p, seq_len)
+    lengths.append(2 * seq_len + 64)
+    fixed_part = sum(lengths)
+    total = max(n_tokens, fixed_part + 1)
+    tokens = rng.integers(0, vocab_size, size=total)
     tokens[tokens == bos_id] = (bos_id + 1) % vocab_size
-    tokens[0] = bos_id
-    tokens[rng.choice(n_tokens, size=max(1, n_tokens // loop_args["seq_len"]), replace=False)] = bos_id
+    tokens[np.cumsum([0] + lengths)] = bos_id  # the last one opens the random tail
+    rest = total - fixed_part
+    if rest > seq_len:
+        tokens[fixed_part + rng.choice(rest, size=rest // seq_len, replace=False)] = bos_id
+    return tokens
+
+
+def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, **loop_args) -> float:
+    """Run the same loop on ``warm_up_tokens`` with a copy of the model, so CUDA start-up and kernel
+    compilation happen before the clock starts; the seconds it took."""
+    t = time.perf_counter()
+    tokens = warm_up_tokens(vocab_size, bos_id, n_tokens, loop_args["seq_len"])
     EvalLoop(copy.deepcopy(model), tokens, bos_id=bos_id, **loop_args).run()
     return time.perf_counter() - t

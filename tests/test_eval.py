@@ -187,3 +187,17 @@ def test_cuda_batch_shapes_give_the_same_scores(single):
         res = loop.run()
         np.testing.assert_allclose(res["nll"], single[name]["nll"], rtol=0, atol=1e-6, err_msg=name)  # measured: < 1e-7
         assert res["adapt_steps"] == single[name]["adapt_steps"]
+
+
+@pytest.mark.parametrize("seq_len", [256, 2048])
+def test_the_warm_up_reaches_every_batch_shape(seq_len):
+    """On CUDA windows are batched at padded lengths (128, 256, ... seq_len): the warm-up's documents must
+    reach each one, or the first batch of a missing shape compiles inside the timed loop."""
+    from stages.scoring import document_spans, padded_len, stream_windows
+    from stages.ttt import warm_up_tokens
+    tokens = warm_up_tokens(8192, 1, 4 * seq_len, seq_len)
+    assert len(tokens) >= 4 * seq_len and tokens[0] == 1
+    windows = stream_windows(len(tokens), seq_len, 64, document_spans(tokens, 1))
+    reached = {padded_len(w[1], seq_len, True) for w in windows}
+    every = {min(seq_len, 128 << i) for i in range(8) if (128 << i) // 2 < seq_len}
+    assert reached == every
