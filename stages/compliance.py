@@ -24,9 +24,11 @@ Files other stages write for these checks (absent = not applicable):
                                val or a listed shard is a val shard. Absent: no calibration, unless
                                quantize reports ``calibration_seconds`` (then the source is unverifiable: FAIL).
   quantize metrics            ``calibration_seconds``: counted in the training ledger.
-  average metrics             ``selection_seconds``: the held-out candidate scoring on training data,
-                               counted in the training ledger (the stage duration is used as an upper bound
-                               when the metric is absent and a selection ran).
+  average metrics             ``selection_seconds``: the held-out candidate scoring on training data that
+                               chose the weights (method=best), counted in the training ledger (the stage
+                               duration is used as an upper bound when the metric is absent and a selection
+                               ran); ``heldout_diagnostic_seconds``: the same scoring with a fixed method,
+                               shown but not counted (nothing was decided by it).
   eval/ttt_log.jsonl          test-time training's order of events, one JSON object per line, in the order
                                the eval loop did them:
                                  {"event": "score", "start": S, "end": E}  NLLs of targets S..E-1 computed (final)
@@ -370,6 +372,8 @@ def train_ledger(tr: Artifact, avg: Artifact, q: Artifact) -> tuple[dict, dict]:
         # candidates were scored on training data after training: that access must fit in the budget
         counted["average stage (bounds held-out selection)"] = avg.manifest.get("duration_s", 0.0)
     excluded = {"compile warm-up": tr.metrics.get("warmup_seconds", 0.0)}
+    if avg.metrics.get("heldout_diagnostic_seconds") is not None:  # scored, but the choice did not use it
+        excluded["held-out diagnostic"] = avg.metrics["heldout_diagnostic_seconds"]
     return counted, excluded
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from artifacts import Artifact, Stage, StageContext
-from .average import load_weights
+from .average import HeldoutScorer, heldout_tokens, load_weights
 from .devices import resolve_device
 from .gptq import (collect_hessians, lqer, output_error, parse_clip, quantize_matrix, sort_rows,
                    weight_error)
@@ -140,11 +140,6 @@ def calibration_tokens(ds: Dataset, n: int) -> tuple[np.ndarray, list[str]]:
     return np.concatenate(parts), names
 
 
-def heldout_tokens(ds: Dataset, n: int) -> np.ndarray:
-    """The last n+1 tokens of the last train shard (the average stage's held-out slice, also never val)."""
-    return np.asarray(load_tokens(ds.shard_paths("train")[-1])[-(n + 1):])
-
-
 # --- quantizing a state dict ---------------------------------------------------------------------
 class Quantizer:
     """Quantizes tensor groups of one state dict under given schemes, caching each (group, scheme)."""
@@ -211,19 +206,6 @@ def encode(entries: dict[str, dict], groups: dict[str, str], meta: dict, cache: 
     lay = layout(entries, groups)
     packed = pack_sections(lay, cache, methods, shuffle)
     return assemble(lay.index, packed, meta), packed
-
-
-class HeldoutScorer:
-    """Mean NLL (nats/token) of a state dict on held-out training tokens."""
-
-    def __init__(self, model_cfg: ModelConfig, tokens: np.ndarray, seq_len: int, device: torch.device):
-        from .scoring import score_stream
-        self.model = GPT(model_cfg).to(device).eval()
-        self.tokens, self.seq_len, self.device, self._score = tokens, seq_len, device, score_stream
-
-    def __call__(self, state: dict[str, torch.Tensor]) -> float:
-        self.model.load_state_dict(state)
-        return float(self._score(self.model, self.tokens, self.seq_len, 0, 16, self.device).mean())
 
 
 # --- the stage -----------------------------------------------------------------------------------

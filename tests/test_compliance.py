@@ -65,6 +65,9 @@ def test_ledgers_read_optional_fields_from_other_stages():
     assert excluded == {"compile warm-up": 20.0}
     avg2 = _art("average", {"selection_seconds": 0.5, "heldout_loss_final": 3.0}, {"method": "best"}, duration=7.0)
     assert C.train_ledger(tr, avg2, _art("quantize"))[0] == {"training loop": 590.0, "held-out selection": 0.5}
+    avg3 = _art("average", {"heldout_diagnostic_seconds": 80.0, "heldout_loss_ema": 3.0}, {"method": "ema"})
+    assert C.train_ledger(tr, avg3, _art("quantize")) == ({"training loop": 590.0},
+                                                         {"compile warm-up": 20.0, "held-out diagnostic": 80.0})
     ev = _art("eval", {"eval_seconds": 400.0, "load_seconds": 20.0, "ttt_seconds": 150.0, "pre_quant_eval_seconds": 9})
     assert sum(C.eval_ledger(ev)[0].values()) == 570.0
 
