@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9: the record preset for real through the Prefect flow on every GPU of the machine (8x H200 or, as the
-# fallback the issue allows, fewer): 600 s of training on bench_corpus (sp8192, tokenized there by the tokenize
+# fallback the issue allows, fewer): 588 s of training (12 s left for GPTQ calibration) on bench_corpus (sp8192, tokenized there by the tokenize
 # stage), EMA, GPTQ int6 fitted under the cap, eval with per-document LoRA TTT, compliance, submission folder.
 #
 #   here, once:    bash bench/prefect_wheels.sh        (.whl-prefect/, ~35 MB; .whl/ as in BENCHMARKS.md)
@@ -9,7 +9,7 @@
 #                  CORPUS=.gpu/corpus1 PARTS=0 bash bench/gpu_record_run.sh            -> $OUT/results.tar.gz
 #                  RESUME=1 CORPUS=.gpu/corpus1 PARTS=0 bash bench/gpu_record_run.sh   (the next calls)
 #
-# One device command may run 600 s and the whole run takes longer (600 s of training + compile + eval), so
+# One device command may run 600 s and the whole run takes longer (training + compile + eval), so
 # the pipeline is stopped DEADLINE seconds after this script starts (the wheel install and Prefect's server
 # take ~75 s of each call); call it again with RESUME=1 on the still-warm machine (within its idle window)
 # and the flow goes on: tokenize comes from the store, training resumes from its last snapshot (every 30 s

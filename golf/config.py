@@ -57,6 +57,9 @@ def baseline() -> PipelineConfig:
         train=TrainConfig(model=ModelConfig(vocab_size=0), max_seconds=600.0, seq_len=1024,
                           batch_tokens=524_288, micro_batch_tokens=65_536, warmdown_frac=0.2,
                           swa_every=50, nproc=1),
+        # the official script ships its final weights; choosing by held-out loss would read training data
+        # after the 600 s (counted by compliance): method=best is one --set away
+        average=AverageConfig(method="final"),
         eval=EvalConfig(seq_len=1024, stride=0),
     )
 
@@ -68,7 +71,9 @@ def record() -> PipelineConfig:
                         smear_gate=True, recur_start=3, recur_end=5, parallel_from=8, doc_isolation=True)
     return PipelineConfig(
         tokenize=TokenizeConfig(tokenizer="embedded-sp8192"),
-        train=TrainConfig(model=model, max_seconds=600.0, seq_len=2048, batch_tokens=786_432,
+        # 12 s of the 600 are left for GPTQ's calibration, which reads training data and so counts in the budget
+        # (8.4 s measured for this model on an H200; the 1.0611 record's rerun reserved 8 s)
+        train=TrainConfig(model=model, max_seconds=588.0, seq_len=2048, batch_tokens=786_432,
                           micro_batch_tokens=98_304, matrix_lr=0.026, muon_momentum=0.97,
                           muon_weight_decay=0.095, muon_schedule="polar_express", muon_row_norm=True,
                           warmdown_frac=0.85, min_lr_frac=0.10, ema_decay=0.9965, recur_from_frac=0.35,

@@ -95,3 +95,15 @@ def test_every_preset_resolves(capsys):
     for name in PRESETS:
         assert main(["config", "--preset", name]) == 0, name
         assert "train.max_seconds" in capsys.readouterr().out
+
+
+def test_the_challenge_scale_presets_leave_room_for_what_compliance_counts():
+    """Compliance adds to the training loop every later read of training data that decides something:
+    GPTQ calibration and a held-out choice of weights. A 600 s preset must leave room for them."""
+    from golf.config import preset
+    for name in ("baseline", "record"):
+        cfg = preset(name)
+        assert cfg.average.method != "best", name  # a fixed choice: the held-out scores are a diagnostic
+        # GPTQ calibration of the record model took 8.4 s on an H200 (BENCHMARKS.md, the 2x H200 record run)
+        reserve = 8.4 if cfg.quantize.method == "gptq" else 0.0
+        assert cfg.train.max_seconds + reserve <= 600.0, name
