@@ -44,8 +44,8 @@ python3 -c "import prefect, torch; print('prefect', prefect.__version__, 'torch'
 ARGS=(--preset ${PRESET:-record} --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers=$(nproc)
       --set train.nproc=$NGPU --set train.resume_every_s=30 --set eval.doc_isolation=true --set eval.ttt.method=lora
       --set eval.nproc=$NGPU --set eval.on_budget=stop ${EXTRA:-})  # past 600 s of eval: score the rest unadapted
-LEFT=$(( ${DEADLINE:-560} - ($(date +%s) - START) ))
+LEFT=$(( ${DEADLINE:-530} - ($(date +%s) - START) ))  # + up to 45 s for a stopped run to save its snapshot
 echo "$(date +%T) setup took $(( $(date +%s) - START )) s; the pipeline gets ${LEFT} s" | tee -a $R/run.log
-timeout --signal=TERM --kill-after=20 $LEFT python3 -m golf.cli run "${ARGS[@]}" 2>&1 \
+timeout --signal=TERM --kill-after=45 $LEFT python3 -m golf.cli run "${ARGS[@]}" 2>&1 \
   | grep -v "it/s\]" | tee -a $R/run.log | tail -25
 echo "exit: ${PIPESTATUS[0]}" | tee -a $R/run.log

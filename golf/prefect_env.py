@@ -13,9 +13,18 @@ OFFLINE_DEFAULTS = {
 }
 
 
+# With no PREFECT_API_URL, Prefect runs a temporary server as a child of golf, in golf's process group: a stop
+# signal to the group (Ctrl-C, ``timeout``, a scheduler) ends it with golf, and Prefect's client then retried
+# reporting the crash to the dead server for about a minute before golf could exit.
+TEMPORARY_SERVER_DEFAULTS = {"PREFECT_CLIENT_MAX_RETRIES": "1"}
+
+
 def configure_prefect() -> None:
     """Fill in the offline defaults without overriding anything the user has set."""
     if "prefect" in __import__("sys").modules:
         return
     for k, v in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if not os.environ.get("PREFECT_API_URL"):
+        for k, v in TEMPORARY_SERVER_DEFAULTS.items():
+            os.environ.setdefault(k, v)

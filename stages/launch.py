@@ -6,10 +6,15 @@ torchrun itself can die without passing it on. Orphaned workers then keep the GP
 snapshots and checkpoints into the work directory that a resumed run is using, and hold the stage's
 output pipe open. Three links close that gap:
 
-* ``run_workers`` waits on torchrun and, if the stage is interrupted (any exception, SIGINT, Prefect's
-  termination), stops torchrun: SIGTERM, then SIGKILL after ``grace_s``;
-* torchrun runs through this module (``python -m stages.launch``), which first asks Linux to send it
-  SIGTERM when the ``golf`` thread that started it dies, whatever killed that one;
+* ``run_workers`` starts torchrun in a session of its own (so a terminal's Ctrl-C or ``timeout`` reaches
+  only ``golf``), waits on it and, if the stage is interrupted (any exception, SIGINT, Prefect's
+  termination), asks it to stop, then SIGKILLs it after ``grace_s`` (torchrun gives its workers 30 s);
+* torchrun runs through this module (``python -m stages.launch``), which asks Linux for SIGUSR2 when the
+  ``golf`` thread that started it dies, whatever killed that one. SIGUSR2, from there or from
+  ``run_workers``, becomes exactly one SIGTERM to torchrun, which passes it on to the workers (training
+  then saves a snapshot at its next step boundary). One only: torchrun dies at once on a second SIGTERM
+  while it waits for its workers, and Linux sends the parent-death signal again each time another thread
+  of a multi-threaded parent exits;
 * each worker calls ``die_with_launcher()`` first thing, which does the same for the worker: SIGKILL when
   torchrun dies. Nothing a worker holds outlives its coordinator usefully (its peers are gone with it).
 
@@ -31,6 +36,7 @@ log = logging.getLogger("golf.launch")
 
 ROOT = Path(__file__).resolve().parent.parent
 _PR_SET_PDEATHSIG = 1
+_STOP = signal.SIGUSR2  # "stop your workers": turned into one SIGTERM by the launcher
 _LAUNCHER_PID = "GOLF_LAUNCHER_PID"  # torchrun's pid, as seen by its workers
 
 
@@ -66,7 +72,7 @@ def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
             "-m", module, "--worker", *args]
 
 
-def run_workers(module: str, nproc: int, args: list[str], grace_s: float = 15.0) -> list[str]:
+def run_workers(module: str, nproc: int, args: list[str], grace_s: float = 35.0) -> list[str]:
     """Run ``python -m module --worker ARGS`` in ``nproc`` processes under torchrun and wait for them.
 
     Returns the command (for the stage's records); raises WorkersFailed on a non-zero exit. Interrupted
@@ -74,7 +80,7 @@ def run_workers(module: str, nproc: int, args: list[str], grace_s: float = 15.0)
     cmd = torchrun_command(module, nproc, args)
     log.info("launching: %s", " ".join(cmd[:8]) + " ...")
     env = dict(os.environ, GOLF_PARENT_PID=str(os.getpid()))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:
         code = proc.wait()
     except BaseException:
@@ -86,11 +92,12 @@ def run_workers(module: str, nproc: int, args: list[str], grace_s: float = 15.0)
 
 
 def stop(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM, wait up to ``grace_s``, then SIGKILL: torchrun's workers follow it (die_with_launcher)."""
+    """Ask torchrun to stop its workers, wait up to ``grace_s``, then SIGKILL it: its workers follow it
+    (die_with_launcher)."""
     if proc.poll() is not None:
         return
     log.warning("stopping torchrun (pid %d) and its workers", proc.pid)
-    proc.terminate()
+    proc.send_signal(_STOP)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
@@ -100,8 +107,16 @@ def stop(proc: subprocess.Popen, grace_s: float) -> None:
 
 def _launcher_main() -> None:
     """``python -m stages.launch TORCHRUN_ARGS``: torchrun, bound to the life of the process that started it."""
+    stopping = []
+
+    def stop_once(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            os.kill(os.getpid(), signal.SIGTERM)  # torchrun's own handler: stop the workers, wait, exit
+
+    signal.signal(_STOP, stop_once)
     parent = os.environ.pop("GOLF_PARENT_PID", None)
-    _die_with_parent(signal.SIGTERM, int(parent) if parent else None)
+    _die_with_parent(_STOP, int(parent) if parent else None)
     os.environ[_LAUNCHER_PID] = str(os.getpid())
     sys.argv = ["torchrun", *sys.argv[1:]]
     runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)

@@ -19,7 +19,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,38 @@ TrainConfig.NOT_IN_KEY = ("resume_every_s", "log_every")  # bookkeeping only: th
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal ended the run at a step boundary, after a snapshot: rerunning resumes from it."""
+
+
+class StopSignal:
+    """SIGTERM or SIGINT during the timed loop asks for a stop at the next step boundary, where every rank
+    saves a snapshot (a collective) before the run ends; a second signal stops at once. The handlers exist
+    only inside the ``with`` and only in the main thread (elsewhere ``requested`` stays None)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            self.__exit__()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+        self.requested = signal.Signals(signum).name
+        log.warning("%s: stopping after this step (a snapshot is saved); send it again to stop now", self.requested)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -359,68 +393,79 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
     stop_reason = "max_seconds"
     tokens_per_step = cfg.batch_tokens
 
-    def shared(loss_sum: torch.Tensor, elapsed: float) -> tuple[float, float]:
-        """The mean loss over ranks and rank 0's clock, in one all-reduce: every rank then takes the same
-        decisions (stop, warmdown, recurrence switch, snapshot). Per-rank clocks differ by a little, and a
-        rank that stopped or switched graphs one step before another would hang the job."""
+    def shared(loss_sum: torch.Tensor, elapsed: float) -> tuple[float, float, bool]:
+        """The mean loss over ranks, rank 0's clock and whether any rank was asked to stop, in one all-reduce:
+        every rank then takes the same decisions (stop, warmdown, recurrence switch, snapshot). Per-rank clocks
+        differ by a little, and a rank that stopped or switched graphs one step before another would hang
+        the job."""
+        asked = stopper.requested is not None
         if not distributed:
-            return loss_sum.item(), elapsed
+            return loss_sum.item(), elapsed, asked
         clock = torch.tensor(elapsed if master else 0.0, device=device, dtype=torch.float64)
-        t = torch.stack([loss_sum.double(), clock])
+        t = torch.stack([loss_sum.double(), clock, torch.tensor(float(asked), device=device, dtype=torch.float64)])
         dist.all_reduce(t)
-        loss, clock = t.tolist()
-        return loss / world, clock
+        loss, clock, stops = t.tolist()
+        return loss / world, clock, stops > 0
 
     elapsed = elapsed_before
     last_snapshot = elapsed
-    while True:
-        progress = progress_of(step, elapsed)
-        if progress >= 1.0:
-            stop_reason = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "max_seconds"
-            break
-        lr_mult = lr_multiplier(cfg, step, progress)
-        if mcfg.has_recurrence:
-            active = progress >= cfg.recur_from_frac
-            if active != model.recurrence_active and master:
-                log.info("recurrence of layers %d-%d %s at step %d", mcfg.recur_start, mcfg.recur_end,
-                         "on" if active else "off", step)
-            model.recurrence_active = active
-        t_step = time.perf_counter()
-        loss_sum = step_once(step, lr_mult)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_s = time.perf_counter() - t_step
-        loss, elapsed = shared(loss_sum, elapsed_before + (time.perf_counter() - t_start))
-        step += 1
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"training loss is {loss} at step {step}: stopping "
-                                   f"(lower the learning rates or enable grad_clip)")
-        if ema is not None:
-            with torch.no_grad():
-                for k, v in model.state_dict().items():
-                    ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
-        rec = {"step": step, "loss": round(loss, 5), "lr_mult": round(lr_mult, 5),
-               "recurrence": bool(model.recurrence_active),
-               "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
-               "elapsed_s": round(elapsed, 3)}
-        metrics.append(rec)
-        if live is not None:
-            live.write(json.dumps(rec) + "\n")
-        in_warmdown = cfg.warmdown_frac > 0 and progress_of(step, elapsed) >= 1 - cfg.warmdown_frac
-        swa_due = bool(cfg.swa_every and in_warmdown and step % cfg.swa_every == 0)
-        if master and swa_due:
-            save_atomic(cpu_state(model), ckpt_dir / f"step_{step:06d}.pt")
-        if master and (step % cfg.log_every == 0 or step == 1):
-            bar.set_postfix_str(f"step {step} loss {loss:.4f} {rec['tokens_per_s']:,} tok/s")
-            bar.n = min(elapsed, cfg.max_seconds)
-            bar.refresh()
-            log.debug("step %d loss %.4f lr %.3f %.1f ms", step, loss, lr_mult, rec["step_ms"])
-        snapshot_due = bool(cfg.resume_every_s and elapsed - last_snapshot > cfg.resume_every_s)
-        if snapshot_due:
-            snapshot(step, elapsed)
-            last_snapshot = elapsed
-        if swa_due or snapshot_due:  # saving took time the stop check must see (every rank agrees on both)
-            _, elapsed = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
+    with StopSignal() as stopper:
+        while True:
+            progress = progress_of(step, elapsed)
+            if progress >= 1.0:
+                stop_reason = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "max_seconds"
+                break
+            lr_mult = lr_multiplier(cfg, step, progress)
+            if mcfg.has_recurrence:
+                active = progress >= cfg.recur_from_frac
+                if active != model.recurrence_active and master:
+                    log.info("recurrence of layers %d-%d %s at step %d", mcfg.recur_start, mcfg.recur_end,
+                             "on" if active else "off", step)
+                model.recurrence_active = active
+            t_step = time.perf_counter()
+            loss_sum = step_once(step, lr_mult)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_s = time.perf_counter() - t_step
+            loss, elapsed, stop_now = shared(loss_sum, elapsed_before + (time.perf_counter() - t_start))
+            step += 1
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training loss is {loss} at step {step}: stopping "
+                                       f"(lower the learning rates or enable grad_clip)")
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+            rec = {"step": step, "loss": round(loss, 5), "lr_mult": round(lr_mult, 5),
+                   "recurrence": bool(model.recurrence_active),
+                   "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
+                   "elapsed_s": round(elapsed, 3)}
+            metrics.append(rec)
+            if live is not None:
+                live.write(json.dumps(rec) + "\n")
+            in_warmdown = cfg.warmdown_frac > 0 and progress_of(step, elapsed) >= 1 - cfg.warmdown_frac
+            swa_due = bool(cfg.swa_every and in_warmdown and step % cfg.swa_every == 0)
+            if master and swa_due:
+                save_atomic(cpu_state(model), ckpt_dir / f"step_{step:06d}.pt")
+            if master and (step % cfg.log_every == 0 or step == 1):
+                bar.set_postfix_str(f"step {step} loss {loss:.4f} {rec['tokens_per_s']:,} tok/s")
+                bar.n = min(elapsed, cfg.max_seconds)
+                bar.refresh()
+                log.debug("step %d loss %.4f lr %.3f %.1f ms", step, loss, lr_mult, rec["step_ms"])
+            snapshot_due = bool(cfg.resume_every_s and elapsed - last_snapshot > cfg.resume_every_s)
+            if snapshot_due:
+                snapshot(step, elapsed)
+                last_snapshot = elapsed
+            if swa_due or snapshot_due:  # saving took time the stop check must see (every rank agrees on both)
+                _, elapsed, _ = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
+            if stop_now:  # a stop signal on some rank: every rank saves where it is, then the run ends
+                snapshot(step, elapsed)
+                why = stopper.requested or "a signal to another rank"
+                if master:
+                    log.warning("stopped by %s at step %d after %.1f s of training: snapshot saved; the same "
+                                "command resumes from here", why, step, elapsed)
+                raise TrainingInterrupted(f"stopped by {why} at step {step} ({elapsed:.1f} s of training); "
+                                          f"a snapshot was saved: the same command resumes from it")
     train_seconds = elapsed_before + (time.perf_counter() - t_start)
     bar.close()
     if live is not None:

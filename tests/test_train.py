@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from artifacts import run_stage
 from golf.config import apply_overrides
@@ -61,6 +62,34 @@ def test_a_killed_run_resumes_from_its_last_snapshot(store):
     assert art.metrics["steps"] == 60 and len(losses(art)) == 60
 
 
+def _live_steps(store_root) -> int:
+    found = list((store_root / "work").glob("train-*/metrics.live.jsonl"))
+    return len(found[0].read_text().splitlines()) if found else 0
+
+
+def test_a_stop_signal_saves_a_snapshot_at_the_step_boundary(store):
+    """SIGTERM (a scheduler, timeout) or Ctrl-C: the step ends, a snapshot is saved, the stage fails with a
+    message saying so, and the same command resumes from that step, not from an older periodic snapshot."""
+    tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
+    cmd = [sys.executable, "-m", "stages.train", "--store", str(store.root), "--input", f"tokenize={tok.key}",
+           "--set", "max_steps=30", "--set", "max_seconds=600", "--set", "resume_every_s=0",
+           "--set", "swa_every=0", "--set", "batch_tokens=4096", "--set", "micro_batch_tokens=4096"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while _live_steps(store.root) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert _live_steps(store.root) >= 3, "training never reached step 3"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "the same command resumes from it" in err, err[-2000:]
+    snap = torch.load(next((store.root / "work").glob("train-*/resume.pt")), weights_only=False)
+    assert 3 <= snap["step"] < 30
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    art = store.get(json.loads(rerun.stdout)["key"])
+    assert art.manifest["resumed"]["from_step"] == snap["step"] and art.metrics["steps"] == 30
+
+
 def _workers_of(store_root) -> list[int]:
     """Pids of the processes whose command line names this store and --worker: torchrun and its workers."""
     pids = []
@@ -89,12 +118,18 @@ def test_no_worker_outlives_a_stopped_stage(store, sig):
         while len(_workers_of(store.root)) < 3 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert len(_workers_of(store.root)) == 3, "torchrun and its two workers never started"
+        while not _live_steps(store.root) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _live_steps(store.root), "training never reached its first step"
         proc.send_signal(sig)  # to the stage's process only, not its group
         proc.wait(timeout=60)
-        deadline = time.time() + 30
+        deadline = time.time() + 45
         while _workers_of(store.root) and time.time() < deadline:
             time.sleep(0.2)
         assert _workers_of(store.root) == []
+        # torchrun passed the stop on: the workers saved where they were (resume_every_s=0: no other snapshot)
+        snap = torch.load(next((store.root / "work").glob("train-*/resume.pt")), weights_only=False)
+        assert snap["step"] >= 1
     finally:
         for pid in _workers_of(store.root):
             os.kill(pid, signal.SIGKILL)
