@@ -165,7 +165,7 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
                        "adapt_steps": res["adapt_steps"], "world_size": world, "device": device.type,
                        "graphs_compiled_in_timed_loop": res["graphs_compiled_in_loop"]})
         if res["graphs_compiled_in_loop"] and rank == 0:
-            log.warning("%d graph(s) were compiled inside the timed eval loop (rank 0): a batch shape the "
+            log.warning("%d graph(s) were compiled inside the timed eval loop (the most on one rank): a batch shape the "
                         "warm-up did not reach; their compile time is in the eval seconds", res["graphs_compiled_in_loop"])
         if ttt_on and cfg.no_ttt_diagnostic:
             plain = score(load_model(blob).to(device), TTTConfig(), "quantized, no TTT")

@@ -122,17 +122,23 @@ class EvalLoop:
 
     def __init__(self, model, tokens: np.ndarray, seq_len: int, stride: int, batch_seqs: int, device,
                  doc_isolation: bool, bos_id: int, ttt: TTTConfig, budget_s: float = 0.0, on_budget: str = "fail",
-                 spent_s: float = 0.0, progress=None):
+                 spent_s: float = 0.0, progress=None, solo: bool = False, fixed: bool | None = None):
         if ttt.method in ("lora", "phased") and not doc_isolation:
             raise ValueError(f"ttt.method={ttt.method} adapts per document: it needs doc_isolation")
         self.model, self.ttt, self.device = model, ttt, torch.device(device)
         self.seq_len, self.batch_seqs = seq_len, batch_seqs
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        # the world size that sizes SGD's per-rank batches; solo (the warm-up): this rank does all the work
+        # with the real batch shapes, alone (no dealing to ranks, no collectives)
+        self.shape_world, self.solo = self.world, solo
+        if solo:
+            self.rank, self.world = 0, 1
         self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
         self.n = len(tokens) - 1
         self.spans = document_spans(tokens, bos_id) if doc_isolation else None
         self.windows = stream_windows(len(tokens), seq_len, stride, self.spans)
-        self.fixed = self.device.type == "cuda"  # fixed shapes: compiled kernels are reused
+        # fixed shapes (on CUDA unless told): compiled kernels are reused
+        self.fixed = self.device.type == "cuda" if fixed is None else fixed
         if self.fixed and hasattr(torch._dynamo.config, "recompile_limit"):
             # scoring, LoRA and SGD batches use up to ~15 shapes; past the limit FlexAttention would run uncompiled
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -215,10 +221,14 @@ class EvalLoop:
             for step in steps:
                 t = time.perf_counter()
                 opt.zero_grad(set_to_none=False)
-                mine = step[self.rank::self.world]
-                if mine:
+                # this rank's share; solo, every rank's share in turn (the same shapes, gradients summed)
+                shares = ([step[r::self.shape_world] for r in range(self.shape_world)] if self.solo
+                          else [step[self.rank::self.world]])
+                for mine in shares:
+                    if not mine:
+                        continue
                     T = padded_len(max(n for _, n in mine), L, self.fixed)
-                    rows = -(-self.ttt.batch_seqs // self.world) if self.fixed else len(mine)
+                    rows = -(-self.ttt.batch_seqs // self.shape_world) if self.fixed else len(mine)
                     seqs = [(s, n, s, s + n) for s, n in mine]
                     x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, seqs))
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -378,8 +388,9 @@ class EvalLoop:
         events, stopped = [(*e[:2], 0, *e[2:]) for e in self.events], [self.stopped]
         if self.world > 1:  # the longest clock; TTT seconds from the busiest rank (the others wait for it)
             gathered = [None] * self.world
-            dist.all_gather_object(gathered, (stats, self.events, self.stopped))
+            dist.all_gather_object(gathered, (stats, self.events, self.stopped, compiled))
             stats = [max(g[0][0] for g in gathered), *max((g[0] for g in gathered), key=lambda v: v[1])[1:]]
+            compiled = max(g[3] for g in gathered)  # any rank's compile held every rank up
             events = [(*e[:2], r, *e[2:]) for r, g in enumerate(gathered) for e in g[1]]
             stopped = [g[2] for g in gathered]
         loop, _, adapt = stats
@@ -409,19 +420,22 @@ def merge_events(events: list[tuple]) -> list[dict]:
     return out
 
 
-def warm_up_tokens(vocab_size: int, bos_id: int, n_tokens: int, seq_len: int) -> np.ndarray:
+def warm_up_tokens(vocab_size: int, bos_id: int, n_tokens: int, seq_len: int, per_length: int = 1) -> np.ndarray:
     """Random tokens (never val data) laid out in documents that reach every batch shape the eval can use:
-    one document per padded window length (128, 256, ... seq_len) for the scoring and LoRA batches, one of
-    2 * seq_len + 64 tokens for full sliding windows, their tails and LoRA's growing windows, then random
-    documents up to ``n_tokens`` (SGD's chunks). A shape first met inside the timed loop would compile there."""
+    ``per_length`` documents of each padded window length (128, 256, ... seq_len) for the scoring batches and,
+    with per_length = lora_docs, one LoRA group per length (a group's last, gradient-free step has the
+    length of its longest document), one of 2 * seq_len + 64 tokens (in place of one seq_len document) for
+    full sliding windows, their tails and LoRA's growing windows, then random documents up to ``n_tokens``
+    (SGD's chunks). A shape first met inside the timed loop would compile there."""
     rng = np.random.default_rng(0)
-    lengths, p = [], min(128, seq_len)
+    classes, p = [], min(128, seq_len)
     while True:
-        lengths.append(p)
+        classes.append(p)
         if p >= seq_len:
             break
         p = min(2 * p, seq_len)
-    lengths.append(2 * seq_len + 64)
+    lengths = [p for p in classes for _ in range(per_length)]
+    lengths[-1] = 2 * seq_len + 64
     fixed_part = sum(lengths)
     total = max(n_tokens, fixed_part + 1)
     tokens = rng.integers(0, vocab_size, size=total)
@@ -433,10 +447,15 @@ def warm_up_tokens(vocab_size: int, bos_id: int, n_tokens: int, seq_len: int) ->
     return tokens
 
 
-def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, **loop_args) -> float:
+def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, ttt: TTTConfig, **loop_args) -> float:
     """Run the same loop on ``warm_up_tokens`` with a copy of the model, so CUDA start-up and kernel
-    compilation happen before the clock starts; the seconds it took."""
+    compilation happen before the clock starts; the seconds it took. Every rank runs all of it (solo):
+    dealt to ranks, the few warm-up batches would leave most ranks with shapes still to compile. With
+    per-document TTT a plain scoring pass follows: past its budget the eval scores the rest that way."""
     t = time.perf_counter()
-    tokens = warm_up_tokens(vocab_size, bos_id, n_tokens, loop_args["seq_len"])
-    EvalLoop(copy.deepcopy(model), tokens, bos_id=bos_id, **loop_args).run()
+    per_doc = ttt.method in ("lora", "phased")
+    tokens = warm_up_tokens(vocab_size, bos_id, n_tokens, loop_args["seq_len"], ttt.lora_docs if per_doc else 1)
+    warm = copy.deepcopy(model)
+    for method_cfg in [ttt] + ([TTTConfig()] if per_doc else []):
+        EvalLoop(warm, tokens, bos_id=bos_id, ttt=method_cfg, solo=True, **loop_args).run()
     return time.perf_counter() - t

@@ -189,15 +189,58 @@ def test_cuda_batch_shapes_give_the_same_scores(single):
         assert res["adapt_steps"] == single[name]["adapt_steps"]
 
 
-@pytest.mark.parametrize("seq_len", [256, 2048])
-def test_the_warm_up_reaches_every_batch_shape(seq_len):
-    """On CUDA windows are batched at padded lengths (128, 256, ... seq_len): the warm-up's documents must
-    reach each one, or the first batch of a missing shape compiles inside the timed loop."""
-    from stages.scoring import document_spans, padded_len, stream_windows
-    from stages.ttt import warm_up_tokens
-    tokens = warm_up_tokens(8192, 1, 4 * seq_len, seq_len)
-    assert len(tokens) >= 4 * seq_len and tokens[0] == 1
-    windows = stream_windows(len(tokens), seq_len, 64, document_spans(tokens, 1))
-    reached = {padded_len(w[1], seq_len, True) for w in windows}
-    every = {min(seq_len, 128 << i) for i in range(8) if (128 << i) // 2 < seq_len}
-    assert reached == every
+class _ShapeRecorder(torch.nn.Module):
+    """A stand-in model that records (rows, length, grad) of every forward: what a compiled model compiles."""
+
+    def __init__(self, vocab: int = 64, dim: int = 8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        self.blocks[0].attn = torch.nn.Module()
+        self.blocks[0].attn.q = torch.nn.Linear(dim, dim)  # a LoRA target
+        self.head = torch.nn.Linear(dim, vocab)
+        self.seen: set = set()
+
+    def hidden(self, x):
+        self.seen.add((tuple(x.shape), torch.is_grad_enabled()))
+        return self.blocks[0].attn.q(self.emb(x))
+
+    def project(self, h):
+        return self.head(h).float()
+
+
+def _shapes_as_rank(model, tokens, ttt, rank, world, **loop_args):
+    """The shapes one rank of a ``world``-rank eval uses (its share, its batch sizes; collectives skipped)."""
+    from stages.ttt import EvalLoop
+    loop = EvalLoop(model, tokens, bos_id=1, ttt=ttt, **loop_args)
+    loop.rank, loop.world, loop.shape_world = rank, world, world
+    loop._starts, loop._ends, loop.t0 = [w[2] for w in loop.windows], [w[3] for w in loop.windows], 0.0
+    {"none": loop.run_plain, "sgd": loop.run_sgd, "lora": loop.run_docs}[ttt.method]()
+    return model.seen
+
+
+@pytest.mark.parametrize("method", ["none", "sgd", "lora"])
+def test_the_warm_up_reaches_every_batch_shape_on_every_rank(method, monkeypatch):
+    """On CUDA batches have fixed shapes (padded lengths 128, 256, ... seq_len); a shape the warm-up did not
+    reach compiles inside the timed loop. Each rank's share of a real-looking stream must use only shapes
+    the warm-up compiled, whatever the rank and the world size."""
+    import torch.distributed as dist
+    from stages.ttt import warm_up
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: None)
+    L = 512
+    ttt = TTTConfig(method=method, lora_docs=4, lora_chunk=48, chunk_tokens=2048, epochs=1, batch_seqs=8)
+    loop_args = dict(seq_len=L, stride=64, batch_seqs=8, device="cpu", doc_isolation=True, fixed=True)
+    rng = np.random.default_rng(3)
+    docs = [np.concatenate([[1], rng.integers(2, 64, int(min(rng.lognormal(5.5, 1.0), 4 * L)))]) for _ in range(160)]
+    stream = np.concatenate(docs)
+    for world in (1, 4):
+        warm = _ShapeRecorder()
+        with monkeypatch.context() as m:  # rank 0 of `world` ranks, recording on the model warm_up is given
+            m.setattr("copy.deepcopy", lambda model: model)
+            m.setattr(dist, "is_initialized", lambda: True)
+            m.setattr(dist, "get_rank", lambda: 0)
+            m.setattr(dist, "get_world_size", lambda: world)
+            warm_up(warm, 64, 1, max(4 * L, 2 * ttt.chunk_tokens), ttt=ttt, **loop_args)
+        for rank in range(world):
+            used = _shapes_as_rank(_ShapeRecorder(), stream, ttt, rank, world, **loop_args)
+            assert used <= warm.seen, (world, rank, sorted(used - warm.seen))
