@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "1",                                   # no telemetry
@@ -25,6 +26,17 @@ def configure_prefect() -> None:
         return
     for k, v in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    if not os.environ.get("PREFECT_API_URL"):
+    if not _api_url_configured():
         for k, v in TEMPORARY_SERVER_DEFAULTS.items():
             os.environ.setdefault(k, v)
+
+
+def _api_url_configured() -> bool:
+    """Whether a Prefect server is named, in the environment or in a profile (then it is not a temporary one)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    try:
+        return "PREFECT_API_URL" in (home / "profiles.toml").read_text()
+    except OSError:
+        return False

@@ -13,8 +13,8 @@ output pipe open. Three links close that gap:
   ``golf`` thread that started it dies, whatever killed that one. SIGUSR2, from there or from
   ``run_workers``, becomes exactly one SIGTERM to torchrun, which passes it on to the workers (training
   then saves a snapshot at its next step boundary). One only: torchrun dies at once on a second SIGTERM
-  while it waits for its workers, and Linux sends the parent-death signal again each time another thread
-  of a multi-threaded parent exits;
+  while it waits for its workers (here it ignores a second one from elsewhere too), and Linux sends the
+  parent-death signal again each time another thread of a multi-threaded parent exits;
 * each worker calls ``die_with_launcher()`` first thing, which does the same for the worker: SIGKILL when
   torchrun dies. Nothing a worker holds outlives its coordinator usefully (its peers are gone with it).
 
@@ -105,6 +105,28 @@ def stop(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait()
 
 
+def _torchrun_stops_once() -> None:
+    """torchrun raises on every SIGTERM, and one raised while it waits for its stopping workers kills them
+    before they have saved: a stop that arrives twice (golf and a scheduler, a cgroup kill) would lose the
+    snapshot. Only the first SIGTERM counts; SIGINT and the rest pass as before."""
+    try:
+        from torch.distributed.elastic.multiprocessing import api
+    except ImportError:
+        return
+    original = getattr(api, "_terminate_process_handler", None)
+    if original is None:
+        return
+    seen = []
+
+    def first_sigterm_only(signum, frame):
+        if signum == signal.SIGTERM and seen:
+            return
+        seen.append(signum)
+        original(signum, frame)
+
+    api._terminate_process_handler = first_sigterm_only
+
+
 def _launcher_main() -> None:
     """``python -m stages.launch TORCHRUN_ARGS``: torchrun, bound to the life of the process that started it."""
     stopping = []
@@ -118,6 +140,7 @@ def _launcher_main() -> None:
     parent = os.environ.pop("GOLF_PARENT_PID", None)
     _die_with_parent(_STOP, int(parent) if parent else None)
     os.environ[_LAUNCHER_PID] = str(os.getpid())
+    _torchrun_stops_once()
     sys.argv = ["torchrun", *sys.argv[1:]]
     runpy.run_module("torch.distributed.run", run_name="__main__", alter_sys=True)
 

@@ -91,12 +91,16 @@ class TrainingInterrupted(RuntimeError):
 
 class StopSignal:
     """SIGTERM or SIGINT during the timed loop asks for a stop at the next step boundary, where every rank
-    saves a snapshot (a collective) before the run ends; a second signal stops at once. The handlers exist
-    only inside the ``with`` and only in the main thread (elsewhere ``requested`` stays None)."""
+    saves a snapshot (a collective) before the run ends. A second signal stops at once if it is SIGINT or
+    comes over ``repeat_s`` after the first (a stop often arrives twice at once: from torchrun and from a
+    scheduler killing every process). The handlers exist only inside the ``with`` and only in the main
+    thread (elsewhere ``requested`` stays None); they only set flags (logging here could re-enter a write)."""
 
-    def __init__(self):
+    def __init__(self, repeat_s: float = 2.0):
         self.requested: str | None = None
         self.previous: dict = {}
+        self.first_at = 0.0
+        self.repeat_s = repeat_s
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -105,11 +109,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
+        if self.requested is None:
+            self.requested, self.first_at = signal.Signals(signum).name, time.monotonic()
+        elif signum == signal.SIGINT or time.monotonic() - self.first_at > self.repeat_s:
             self.__exit__()
             raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-        self.requested = signal.Signals(signum).name
-        log.warning("%s: stopping after this step (a snapshot is saved); send it again to stop now", self.requested)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -407,6 +411,23 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         loss, clock, stops = t.tolist()
         return loss / world, clock, stops > 0
 
+    def stop_here(step: int, elapsed: float, saved: bool) -> None:
+        """Every rank is here at the same step (the stop flag came through the all-reduce): save, end."""
+        why = stopper.requested or "a signal to another rank"
+        if master:
+            log.warning("%s: stopping at step %d after %.1f s of training; saving a snapshot", why, step, elapsed)
+        if not saved:
+            snapshot(step, elapsed)
+        bar.close()
+        if live is not None:
+            live.close()
+        if master:
+            log.warning("snapshot saved at step %d: the same command resumes from here", step)
+        if distributed:
+            dist.destroy_process_group()
+        raise TrainingInterrupted(f"stopped by {why} at step {step} ({elapsed:.1f} s of training); "
+                                  f"a snapshot was saved: the same command resumes from it")
+
     elapsed = elapsed_before
     last_snapshot = elapsed
     with StopSignal() as stopper:
@@ -459,13 +480,10 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             if swa_due or snapshot_due:  # saving took time the stop check must see (every rank agrees on both)
                 _, elapsed, _ = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
             if stop_now:  # a stop signal on some rank: every rank saves where it is, then the run ends
-                snapshot(step, elapsed)
-                why = stopper.requested or "a signal to another rank"
-                if master:
-                    log.warning("stopped by %s at step %d after %.1f s of training: snapshot saved; the same "
-                                "command resumes from here", why, step, elapsed)
-                raise TrainingInterrupted(f"stopped by {why} at step {step} ({elapsed:.1f} s of training); "
-                                          f"a snapshot was saved: the same command resumes from it")
+                stop_here(step, elapsed, saved=snapshot_due)
+        # a signal after the last step's check: the same, rather than finishing with the stop forgotten
+        if shared(torch.zeros((), device=device), elapsed)[2]:
+            stop_here(step, elapsed, saved=False)
     train_seconds = elapsed_before + (time.perf_counter() - t_start)
     bar.close()
     if live is not None:

@@ -327,3 +327,17 @@ def test_seeds_flow_serves_a_seed_already_in_the_store_and_tabulates(server, sto
     assert [r["key"] for r in out["rows"]] == [keys["compliance"]]  # same keys as the plain runner: all cached
     assert out["mean_val_bpb"] == store.get(keys["eval"]).metrics["val_bpb"]
     assert json.loads(json.dumps(out))["comparison"] is None
+
+
+def test_client_retries_are_cut_only_for_the_temporary_server(tmp_path, monkeypatch):
+    """A stop signal ends Prefect's temporary server with golf; retrying it only delays golf's exit. A named
+    server (environment or profile) keeps Prefect's own retry setting."""
+    from golf import prefect_env
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    assert not prefect_env._api_url_configured()
+    (tmp_path / "profiles.toml").write_text('[profiles.work]\nPREFECT_API_URL = "http://10.0.0.5:4200/api"\n')
+    assert prefect_env._api_url_configured()
+    (tmp_path / "profiles.toml").unlink()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert prefect_env._api_url_configured()

@@ -135,3 +135,33 @@ def test_no_worker_outlives_a_stopped_stage(store, sig):
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stop_during_the_last_step_is_not_forgotten(store, monkeypatch, tmp_path):
+    """A signal that lands after the last step's stop check (here: while its progress is shown) used to be
+    dropped when the handlers were restored; the run went on as if nothing had been asked."""
+    from stages import train as train_stage
+    from golf.config import preset
+
+    class SignallingBar:  # stands in for the progress bar: sends SIGTERM while step 5 is being shown
+        n = 0
+
+        def set_postfix_str(self, s):
+            if s.startswith("step 5 "):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_stage, "progress_bar", lambda *a, **k: SignallingBar())
+    handler_before = signal.getsignal(signal.SIGTERM)
+    tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
+    cfg = apply_overrides(preset("tiny"), ["train.max_steps=5", "train.max_seconds=600", "train.resume_every_s=0",
+                                           "train.log_every=1", "train.swa_every=0"]).train
+    with pytest.raises(train_stage.TrainingInterrupted, match="at step 5"):
+        train_stage.train(cfg, tok.path, tmp_path / "out", tmp_path / "work")
+    assert torch.load(tmp_path / "work" / "resume.pt", weights_only=False)["step"] == 5
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the stage's handlers are gone again
