@@ -497,7 +497,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         save_atomic(cpu_state(model), out / "final.pt")
         if ema is not None:
             save_atomic({k: v.cpu() for k, v in ema.items()}, out / "ema.pt")
-        shutil.move(str(ckpt_dir), out / "checkpoints")
+        link_tree(ckpt_dir, out / "checkpoints")  # work/ keeps them until the artifact is committed
         with open(out / "metrics.jsonl", "w") as f:
             for m in metrics:
                 f.write(json.dumps(m) + "\n")
@@ -527,6 +527,17 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (copy across file systems) the files of ``src`` into ``dst``: unlike a move, a failure
+    before the artifact is committed leaves ``src`` whole for the rerun that resumes."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
 
 
 class _null:

@@ -165,3 +165,15 @@ def test_a_stop_during_the_last_step_is_not_forgotten(store, monkeypatch, tmp_pa
         train_stage.train(cfg, tok.path, tmp_path / "out", tmp_path / "work")
     assert torch.load(tmp_path / "work" / "resume.pt", weights_only=False)["step"] == 5
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the stage's handlers are gone again
+
+
+def test_checkpoints_stay_in_work_until_the_artifact_is_committed(tmp_path):
+    """The outputs get the SWA checkpoints as links: a failure before the commit leaves work/ whole."""
+    from stages.train import link_tree
+    src = tmp_path / "work" / "checkpoints"
+    src.mkdir(parents=True)
+    for step in (50, 100):
+        (src / f"step_{step:06d}.pt").write_bytes(bytes([step]) * 10)
+    link_tree(src, tmp_path / "out" / "checkpoints")
+    assert sorted(p.name for p in src.iterdir()) == ["step_000050.pt", "step_000100.pt"]
+    assert (tmp_path / "out" / "checkpoints" / "step_000100.pt").read_bytes() == bytes([100]) * 10
