@@ -30,6 +30,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger("golf.launch")
@@ -81,14 +82,32 @@ def run_workers(module: str, nproc: int, args: list[str], grace_s: float = 35.0)
     log.info("launching: %s", " ".join(cmd[:8]) + " ...")
     env = dict(os.environ, GOLF_PARENT_PID=str(os.getpid()))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-    try:
-        code = proc.wait()
-    except BaseException:
-        stop(proc, grace_s)
-        raise
+    code = wait_or_stop(proc, grace_s)
     if code:
         raise WorkersFailed(f"torchrun ({nproc} processes of {module}) exited with code {code} (see the log above)")
     return cmd
+
+
+class GolfStopping(RuntimeError):
+    """golf's main thread ended (a stop signal, an error) while a stage thread waited on its workers."""
+
+
+def wait_or_stop(proc: subprocess.Popen, grace_s: float) -> int:
+    """Wait for ``proc``; stop it if this wait is interrupted. Signals reach only the main thread, so a
+    wait in another thread (a flow's concurrent stage) also ends when the main thread has ended: Python
+    then waits for this thread before exiting, and the workers would run on for as long as they like."""
+    try:
+        if threading.current_thread() is threading.main_thread():
+            return proc.wait()
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if not threading.main_thread().is_alive():
+                    raise GolfStopping("golf's main thread has ended: stopping this stage's workers") from None
+    except BaseException:
+        stop(proc, grace_s)
+        raise
 
 
 def stop(proc: subprocess.Popen, grace_s: float) -> None:
