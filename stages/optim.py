@@ -82,6 +82,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       schedule=schedule, row_norm=row_norm, weight_decay=weight_decay))
         self.shard = shard
+        self._owners: dict = {}  # (parameter ids, world) -> owner of each
 
     def _world(self) -> tuple[int, int]:
         if self.shard and dist.is_available() and dist.is_initialized():
@@ -90,7 +91,14 @@ class Muon(torch.optim.Optimizer):
 
     def owners(self, params: list[Tensor], world: int) -> list[int]:
         """The rank that updates each matrix: largest first, each to the least-loaded rank (deterministic,
-        so every rank computes the same deal)."""
+        so every rank computes the same deal; dealt once per parameter list and world size)."""
+        key = (tuple(id(p) for p in params), world)
+        if key not in self._owners:
+            self._owners[key] = self._deal(params, world)
+        return self._owners[key]
+
+    @staticmethod
+    def _deal(params: list[Tensor], world: int) -> list[int]:
         load, owner = [0] * world, [0] * len(params)
         for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
             r = min(range(world), key=lambda r: (load[r], r))

@@ -154,7 +154,7 @@ def val_byte_counts(paths: list[Path], sp, step: int = SCAN_TOKENS) -> np.ndarra
 
 
 def place(src: Path, dst: Path, link: bool) -> str:
-    """Put a shard into the artifact: a hard link when allowed and possible, else a copy."""
+    """Put a file (a shard, a checkpoint) into an artifact: a hard link when allowed and possible, else a copy."""
     if link:
         try:
             os.link(src, dst)

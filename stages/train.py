@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -40,6 +39,7 @@ from .dataset import Dataset
 from .devices import resolve_device
 from .launch import die_with_launcher, run_workers, torchrun_command
 from .progress import progress_bar
+from .published import place
 
 log = logging.getLogger("golf.train")
 
@@ -360,6 +360,17 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         resumed_from = step
         if master:
             log.info("resumed from step %d (%.1f s of training already done)", step, elapsed_before)
+    if ema is not None:  # the live tensors, listed once: every update of the weights happens in place
+        ema_t, live_t = zip(*((ema[k], v.detach()) for k, v in model.state_dict().items()))
+        one_kernel = all(e.dtype == v.dtype for e, v in zip(ema_t, live_t))
+
+        @torch.no_grad()
+        def ema_update() -> None:
+            if one_kernel:
+                torch._foreach_lerp_(list(ema_t), list(live_t), 1 - cfg.ema_decay)
+            else:
+                for e, v in zip(ema_t, live_t):
+                    e.lerp_(v.float(), 1 - cfg.ema_decay)
     live = None  # work/metrics.live.jsonl: every step's record as it happens (from the snapshot on a resume)
     if master:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -454,9 +465,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                 raise TrainingDiverged(f"training loss is {loss} at step {step}: stopping "
                                        f"(lower the learning rates or enable grad_clip)")
             if ema is not None:
-                with torch.no_grad():
-                    for k, v in model.state_dict().items():
-                        ema[k].mul_(cfg.ema_decay).add_(v.float(), alpha=1 - cfg.ema_decay)
+                ema_update()
             rec = {"step": step, "loss": round(loss, 5), "lr_mult": round(lr_mult, 5),
                    "recurrence": bool(model.recurrence_active),
                    "step_ms": round(step_s * 1e3, 2), "tokens_per_s": round(tokens_per_step / step_s),
@@ -478,7 +487,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
                 snapshot(step, elapsed)
                 last_snapshot = elapsed
             if swa_due or snapshot_due:  # saving took time the stop check must see (every rank agrees on both)
-                _, elapsed, _ = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
+                _, elapsed, late = shared(torch.zeros((), device=device), elapsed_before + (time.perf_counter() - t_start))
+                stop_now = stop_now or late
             if stop_now:  # a stop signal on some rank: every rank saves where it is, then the run ends
                 stop_here(step, elapsed, saved=snapshot_due)
         # a signal after the last step's check: the same, rather than finishing with the stop forgotten
@@ -534,10 +544,7 @@ def link_tree(src: Path, dst: Path) -> None:
     before the artifact is committed leaves ``src`` whole for the rerun that resumes."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        try:
-            os.link(f, dst / f.name)
-        except OSError:
-            shutil.copy2(f, dst / f.name)
+        place(f, dst / f.name, link=True)
 
 
 class _null:
