@@ -135,12 +135,13 @@ def code_files(module: str) -> dict[str, Path]:
 
 
 # CPython 3.11's AST constructor is not thread-safe (stages run in task threads, and Prefect parses too): parse
-# under a lock, once per file version (_IMPORTS), and let flows that map stages over threads warm this first
-_AST_LOCK = threading.Lock()
+# under a lock, once per file version (_IMPORTS), and let flows that map stages over threads warm this first.
+# One lock for every parse in the project (stages.ship's minifier takes it too).
+AST_LOCK = threading.RLock()
 
 
 def code_digest(module: str) -> tuple[str, dict[str, str]]:
-    with _AST_LOCK:
+    with AST_LOCK:
         files = code_files(module)
     per_file = {name: sha256_file(path)[:16] for name, path in files.items()}
     digest = hashlib.sha256("".join(f"{n}:{d};" for n, d in per_file.items()).encode()).hexdigest()

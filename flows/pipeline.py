@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from artifacts import ArtifactStore, run_stage  # noqa: E402
 from artifacts.store import default_root  # noqa: E402
 from golf.config import DEFAULT_PRESET, PipelineConfig, config_from_dict, preset  # noqa: E402
-from golf.pipeline import STAGE_BY_NAME, STAGES, check_stage_names  # noqa: E402
+from golf.pipeline import STAGE_BY_NAME, check_stage_names, stages_until  # noqa: E402
 
 
 DEFAULT_CONFIG = preset(DEFAULT_PRESET)  # what a deployment's form shows until `golf deploy --preset` sets another
@@ -84,10 +84,7 @@ def pipeline_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str = "",
     if isinstance(config, dict):  # called directly, not through Prefect's parameter validation
         config = config_from_dict(PipelineConfig, config)
     store_root = store_root or str(default_root())
-    names = [s.name for s in STAGES]
-    if until:
-        check_stage_names([until])
-        names = names[: names.index(until) + 1] if until in names else names  # 'all': every stage
+    names = stages_until(until)
     configs = {name: getattr(config, name) for name in names}
     return run_stages(names, configs, {}, store_root, force)
 

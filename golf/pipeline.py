@@ -34,6 +34,15 @@ def check_stage_names(names: Iterable[str]) -> list[str]:
     return names
 
 
+def stages_until(until: str | None = None) -> list[str]:
+    """The stage names in DAG order, stopping after ``until`` (None or 'all': every stage); a typo is refused."""
+    names = [s.name for s in STAGES]
+    if until in (None, "", "all"):
+        return names
+    check_stage_names([until])
+    return names[:names.index(until) + 1]
+
+
 def preflight(cfg: PipelineConfig) -> None:
     """Catch what can be caught before anything runs: missing source documents or tokenizer files."""
     from artifacts import plan_key
@@ -46,12 +55,11 @@ def run_pipeline(cfg: PipelineConfig, store: ArtifactStore, force: Iterable[str]
     """Run the DAG in this process without Prefect; each stage is served from the store when it can be."""
     force = set(check_stage_names(force))
     results: dict[str, StageResult] = {}
-    for stage in STAGES:
+    for name in stages_until(until):
+        stage = STAGE_BY_NAME[name]
         inputs = {role: results[role].artifact for role in stage.inputs}
         res = run_stage(stage, stage_config(cfg, stage.name), inputs, store, force=stage.name in force)
         results[stage.name] = res
         if on_result:
             on_result(res)
-        if stage.name == until:
-            break
     return list(results.values())

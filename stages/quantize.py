@@ -346,14 +346,9 @@ def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext
 def val_reporter(ds: Dataset, model_cfg: ModelConfig, cfg: QuantizeConfig, device: torch.device):
     """val_bpb of a state dict on the val shards: for the candidate table only, never for choosing."""
     from .bpb import bits_per_byte
-    from .scoring import score_stream
     tokens, n_bytes = ds.val_stream(cfg.fit_val_tokens)
-    model = GPT(model_cfg).to(device).eval()
-
-    def val_bpb(state: dict[str, torch.Tensor]) -> float:
-        model.load_state_dict(state)
-        return bits_per_byte(float(score_stream(model, tokens, cfg.seq_len, 0, 16, device).sum()), n_bytes)
-    return val_bpb
+    mean_nll = HeldoutScorer(model_cfg, tokens, cfg.seq_len, device)
+    return lambda state: bits_per_byte(mean_nll(state) * (len(tokens) - 1), n_bytes)
 
 
 STAGE = Stage(name="quantize", config=QuantizeConfig, inputs=("average", "tokenize"), build=build, module=__name__)

@@ -12,8 +12,9 @@ import ast
 import base64
 import lzma
 import re
-import threading
 from pathlib import Path
+
+from artifacts.runner import AST_LOCK
 
 from . import bpb, model, quant, scoring, shards, shipped_eval, ttt  # noqa: F401  the shipped modules: in quantize's code digest
 
@@ -53,7 +54,6 @@ def wrap(source: str) -> str:
     return f'import lzma,base64\nexec(lzma.decompress(base64.b85decode("{packed}")))\n'
 
 
-_LOCK = threading.Lock()
 _CACHE: dict[str, tuple[str, str]] = {}
 
 
@@ -63,7 +63,7 @@ def shipped_code() -> tuple[str, str]:
     Built once per process and source text, under a lock: quantize tasks run in parallel threads (the sweep
     flow), and CPython 3.11's AST constructor is not safe to use from several threads at once.
     """
-    with _LOCK:
+    with AST_LOCK:  # the project's one parsing lock: code digests parse under it too
         src = assemble_source()
         if src not in _CACHE:
             _CACHE[src] = (src, wrap(minify(src)))

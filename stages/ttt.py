@@ -455,7 +455,8 @@ def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, ttt: TTTConfig, 
     t = time.perf_counter()
     per_doc = ttt.method in ("lora", "phased")
     tokens = warm_up_tokens(vocab_size, bos_id, n_tokens, loop_args["seq_len"], ttt.lora_docs if per_doc else 1)
-    warm = copy.deepcopy(model)
+    # SGD and phased TTT change the weights: they warm up on a copy (LoRA removes its adapters when done)
+    warm = copy.deepcopy(model) if ttt.method in ("sgd", "phased") else model
     for method_cfg in [ttt] + ([TTTConfig()] if per_doc else []):
         EvalLoop(warm, tokens, bos_id=bos_id, ttt=method_cfg, solo=True, **loop_args).run()
     return time.perf_counter() - t
