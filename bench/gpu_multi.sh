@@ -19,4 +19,4 @@ run
 for d in $GOLF_STORE/objects/train-*; do
   mkdir -p $R/$(basename $d) && cp $d/train.json $d/metrics.jsonl $d/manifest.json $R/$(basename $d)/
 done
-for s in average quantize eval; do cp $GOLF_STORE/objects/$s-*/$s.json $R/ 2>/dev/null; done
+for s in average quantize eval; do cp $GOLF_STORE/objects/$s-*/manifest.json $R/$s.manifest.json; done  # quantize writes no quantize.json

@@ -20,7 +20,7 @@ source bench/gpu_setup.sh
 OUT=${OUT:-/tmp/out}; R=/tmp/results_record
 [ -n "${RESUME:-}" ] || rm -rf $R  # a machine's /tmp can hold an earlier session's files
 mkdir -p "$OUT" $R
-export PREFECT_HOME=/tmp/prefect-home GOLF_STORE=/tmp/golf-store
+export PREFECT_HOME=/tmp/prefect-home  # GOLF_STORE: gpu_setup.sh's default unless the caller sets it
 collect() {
   python3 -m golf.cli artifacts ls > $R/artifacts.txt 2>&1
   for s in train average quantize eval compliance; do

@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Here (with access to PyPI), once: Prefect 3.8.8 and what it needs for the GPU image's Python 3.12, minus
 # what that image already has (its package list: the device tool's KINDS.md), into .whl-prefect/ (~36 MB,
-# ignored by git). Carry .whl-prefect with .whl; bench/gpu_setup.sh installs both.
+# in .gitignore). Carry .whl-prefect with .whl; bench/gpu_setup.sh installs both.
 #   bash bench/prefect_wheels.sh
 set -euo pipefail
-echo /.whl-prefect/ >> .git/info/exclude
-sort -u -o .git/info/exclude .git/info/exclude
 tmp=$(mktemp -d)
 python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -64,6 +64,11 @@ def baseline() -> PipelineConfig:
     )
 
 
+# GPTQ calibration of the record model on one H200 (BENCHMARKS.md, the 2x H200 record run, 2026-11-22): training
+# data read after the loop, so compliance counts it in the 600 s; the record preset leaves room for it
+RECORD_CALIBRATION_SECONDS = 8.4
+
+
 def record() -> PipelineConfig:
     """The model family and optimizer of the 1.0611 record (11L x 512, MLP 4x, sp8192, seq 2048)."""
     model = ModelConfig(vocab_size=0, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,

@@ -129,12 +129,13 @@ def test_bad_documents_fail_clearly_and_leave_nothing(store, tmp_path):
     assert store.keys() == [] and store.incomplete() == []
 
 
-def test_a_fixed_averaging_method_reports_its_heldout_scores_as_a_diagnostic(store, fast_cfg):
+def test_a_fixed_averaging_method_reports_its_heldout_scores_as_a_diagnostic(pipeline_run):
     """With method=best the held-out scores choose the weights (training-data time the challenge counts); with
     a fixed method they are only shown, so they must not land in the training ledger."""
     from golf.config import apply_overrides
     from golf.pipeline import run_pipeline
-    cfg = apply_overrides(fast_cfg, ["average.method=ema"])
+    store, cfg, _ = pipeline_run  # tokenize and train come from the shared run's store
+    cfg = apply_overrides(cfg, ["average.method=ema"])
     avg = {r.artifact.stage: r for r in run_pipeline(cfg, store, until="average")}["average"].artifact
     assert avg.metrics["chosen"] == "ema" and "heldout_loss_final" in avg.metrics
     assert "selection_seconds" not in avg.metrics and avg.metrics["heldout_diagnostic_seconds"] >= 0

@@ -177,3 +177,4 @@ def test_checkpoints_stay_in_work_until_the_artifact_is_committed(tmp_path):
     link_tree(src, tmp_path / "out" / "checkpoints")
     assert sorted(p.name for p in src.iterdir()) == ["step_000050.pt", "step_000100.pt"]
     assert (tmp_path / "out" / "checkpoints" / "step_000100.pt").read_bytes() == bytes([100]) * 10
+    assert os.path.samefile(src / "step_000100.pt", tmp_path / "out" / "checkpoints" / "step_000100.pt")  # no copy
