@@ -9,6 +9,8 @@ manifests and logs behave the same everywhere.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import importlib.util
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .store import Artifact, ArtifactStore, StoreError, compute_key, sha256_file, utc_now
+from .store import (Artifact, ArtifactCorrupt, ArtifactStore, StoreError, compute_key, file_problems, sha256_file,
+                    utc_now, write_failure)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("stages",)  # a stage's digest covers the modules it imports from these packages
@@ -53,8 +56,14 @@ class Stage:
     module: str                      # the module that defines it: the root of its code digest
     external: Callable[[Any], Mapping[str, Path]] | None = None  # files outside the store it reads
 
-    def headline(self, metrics: dict) -> str:
-        return headline_metric(self.name, metrics)
+    def __post_init__(self):
+        # `python -m stages.quantize` defines the stage in a module named __main__: its code digest must be
+        # that of stages.quantize, or a stage run by hand gets another key than the same stage in `golf run`
+        if self.module == "__main__":
+            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+            if spec is None or not spec.name:
+                raise StoreError(f"stage {self.name}: run it as `python -m stages.<module>` so its code is known")
+            object.__setattr__(self, "module", spec.name)
 
 
 HEADLINES = {
@@ -227,12 +236,69 @@ def plan_key(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact]) -> tuple[st
     digest, per_file = code_digest(stage.module)
     external = fingerprint_external(stage.external(cfg)) if stage.external else {}
     input_keys = {role: inputs[role].key for role in stage.inputs}
+    # an input is named by its key and what it holds: a forced rebuild of an input re-keys this stage
+    input_content = {role: inputs[role].content_digest for role in stage.inputs}
     # fields a config marks as not affecting the result (process counts, logging cadence) stay out of the key
     keyed = {k: v for k, v in config_dict(cfg).items() if k not in getattr(stage.config, "NOT_IN_KEY", ())}
-    key = compute_key(stage.name, keyed, digest, input_keys, external)
+    key = compute_key(stage.name, keyed, digest, {r: f"{k}@{input_content[r]}" for r, k in input_keys.items()},
+                      external)
     identity = {"stage": stage.name, "config": config_dict(cfg), "code_digest": digest,
-                "code_files": per_file, "inputs": input_keys, "external_inputs": external}
+                "code_files": per_file, "inputs": input_keys, "input_content": input_content,
+                "external_inputs": external}
     return key, identity
+
+
+# (file path, inode, size, mtime) of input files already re-hashed against their manifests in this process: each
+# input file is hashed once per process however many stages read it (a pipeline reads tokenize's shards five times)
+_VERIFIED: set[tuple] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _stat_id(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def verify_inputs(inputs: Mapping[str, Artifact]) -> None:
+    """Re-hash every file of the input artifacts against their manifests before a stage reads them.
+
+    A corrupted input (a flipped byte on disk, an edited hard-linked shard) is refused with the artifact and
+    the file named, instead of being trained on, scored or shipped."""
+    for role, art in sorted(inputs.items()):
+        listed = art.manifest.get("files", {})
+        todo = {}
+        for name, meta in listed.items():
+            try:
+                sid = _stat_id(art.path / name)
+            except FileNotFoundError:
+                todo[name] = meta
+                continue
+            with _VERIFIED_LOCK:
+                if sid not in _VERIFIED:
+                    todo[name] = meta
+        problems = file_problems(art.path, todo)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ArtifactCorrupt(f"input artifact {art.key} ({role}) fails verification: {problems[0]}{more}; "
+                                  f"see `golf artifacts verify {art.key}`, rebuild it with --force {art.stage}")
+        with _VERIFIED_LOCK:
+            for name in todo:
+                with contextlib.suppress(FileNotFoundError):
+                    _VERIFIED.add(_stat_id(art.path / name))
+
+
+# The build whose log.txt a log record belongs to. Stages run concurrently in threads of one process (the quantize
+# sweep), all logging to the shared "golf" logger: each artifact's handler keeps only its own build's records.
+_BUILDING: contextvars.ContextVar[str | None] = contextvars.ContextVar("golf_building", default=None)
+
+
+class _OnlyThisBuild(logging.Filter):
+    def __init__(self, key: str):
+        super().__init__()
+        self.key = key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _BUILDING.get() == self.key
 
 
 def run_stage(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact], store: ArtifactStore,
@@ -247,25 +313,33 @@ def run_stage(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact], store: Art
             store.remove(key)
         elif store.exists(key):  # another process built it while we waited for the lock
             return StageResult(store.get(key), True, time.perf_counter() - t0)
+        verify_inputs(inputs)
         pending = store.begin(key)
         ctx = StageContext(key=key, dir=pending.path, work=store.work_dir(key))
         handler = logging.FileHandler(pending.path / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
+        handler.addFilter(_OnlyThisBuild(key))
         if log.getEffectiveLevel() > logging.INFO:  # the artifact's log keeps INFO even when the console does not
             log.setLevel(logging.INFO)
         log.addHandler(handler)
+        building = _BUILDING.set(key)
         started, t_build = utc_now(), time.perf_counter()
         log.info("stage %s: building %s", stage.name, key)
         try:
             metrics = stage.build(cfg, inputs, ctx) or {}
-        except BaseException:
+        except BaseException as e:
+            _BUILDING.reset(building)
             log.removeHandler(handler)
             handler.close()
+            failed = write_failure(e, probe=(pending.path, ctx.work))  # the disk refused: probed before the cleanup
             store.abort(pending)  # nothing half-written stays behind; work/ keeps resumable state
+            if failed is not None and failed is not e:
+                raise failed from e
             raise
         duration = time.perf_counter() - t_build
         log.info("stage %s: done in %.1f s", stage.name, duration)
+        _BUILDING.reset(building)
         log.removeHandler(handler)
         handler.close()
         manifest = {

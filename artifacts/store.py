@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,6 +45,80 @@ class ArtifactNotFound(StoreError):
 
 class ArtifactCorrupt(StoreError):
     pass
+
+
+class StoreWriteError(OSError):
+    """The disk refused a write into the store (full, read-only, quota, file size limit): what was written,
+    where, and why, on one line (``golf`` prints it and exits with code 4). Partial files are gone by then."""
+
+    def __str__(self) -> str:
+        why = os.strerror(self.errno) if self.errno else (self.strerror or "write failed")
+        return f"{why[:1].lower()}{why[1:]} writing {self.filename} (errno {self.errno})"
+
+
+# errnos that only a write gets: the disk (not the stage's code) is what failed
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+DISK_FULL_BYTES = 1 << 20  # a write failed with less free than this on its filesystem: it was full
+TORCH_WRITE_FAILED = ("unexpected pos", "file write failed", "iostream error")  # torch.save's when write() failed
+
+
+def _disk_refusal(probe: tuple) -> tuple[int, Path] | None:
+    """(ENOSPC, path) for the first probed path on a (nearly) full filesystem, (EFBIG, path) for one that reached
+    this process's file size limit (RLIMIT_FSIZE), else None: for errors that hide the errno (torch.save's
+    RuntimeError) or the file (a failed write() names none)."""
+    import resource
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    for p in map(Path, probe):
+        with contextlib.suppress(OSError):
+            if limit != resource.RLIM_INFINITY and p.is_file() and p.stat().st_size >= limit:
+                return errno.EFBIG, p
+        with contextlib.suppress(OSError):
+            st = os.statvfs(p if p.is_dir() else p.parent)
+            if st.f_bavail * st.f_frsize < DISK_FULL_BYTES or (st.f_files and st.f_favail == 0):
+                return errno.ENOSPC, p
+    return None
+
+
+def write_failure(e: BaseException, path: Path | str | None = None, probe: tuple = (),
+                  any_os_error: bool = False) -> StoreWriteError | None:
+    """``e`` as a StoreWriteError naming ``path`` (else the file the error names, else the probed path on the
+    full disk, else the first probe), or None when it is not the disk's doing. An OSError counts when its errno
+    is a disk's (any errno with ``any_os_error``: the caller was only writing); torch.save's RuntimeError
+    ("unexpected pos ...") when a probed filesystem is full or a probed file hit the size limit. Call it
+    before removing partial files: they are what fills the disk."""
+    if isinstance(e, StoreWriteError):
+        return e
+    probe = tuple(probe) or ((path,) if path else ())
+    refusal = _disk_refusal(probe)
+    if isinstance(e, OSError) and e.errno and (any_os_error or e.errno in DISK_ERRNOS):
+        code = e.errno
+    elif isinstance(e, RuntimeError) and refusal is not None and any(m in str(e) for m in TORCH_WRITE_FAILED):
+        code = refusal[0]
+    else:
+        return None
+    where = (path or (e.filename if isinstance(e, OSError) else None) or (refusal[1] if refusal else None)
+             or (probe[0] if probe else "?"))
+    return StoreWriteError(code, os.strerror(code), str(where))
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Any OSError in the block is a StoreWriteError (naming the file the error names, else ``path``)."""
+    try:
+        yield
+    except OSError as e:
+        failed = write_failure(e, getattr(e, "filename", None) or path, any_os_error=True)
+        if failed is None or failed is e:
+            raise
+        raise failed from e
+
+
+# A key is a stage name, a dash and hex digits; prefixes of keys are accepted too. Anything with a path separator
+# or a leading dot is refused, so `golf artifacts path ../objects/x` cannot name a directory outside objects/.
+KEY_PATTERN = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Files whose bytes say how a build went, not what it made: left out of an artifact's content digest, so a
+# rebuild that made the same outputs (a deterministic CPU run) does not re-key everything downstream.
+NOT_CONTENT = frozenset({"log.txt"})
 
 
 def default_root() -> Path:
@@ -123,6 +200,42 @@ class Artifact:
     def total_bytes(self) -> int:
         return sum(f["bytes"] for f in self.manifest.get("files", {}).values())
 
+    @property
+    def content_digest(self) -> str:
+        """A hash of what the artifact holds (every output file's sha256, from the manifest).
+
+        Downstream keys include it beside the key: a rebuild of the same key (``--force``) that made other
+        weights gives every stage that reads them a new key, so nothing is served from the old weights."""
+        files = {n: f["sha256"] for n, f in self.manifest.get("files", {}).items() if n not in NOT_CONTENT}
+        return hashlib.sha256(canonical_json(files).encode()).hexdigest()[:16]
+
+
+def file_problems(root: Path, listed: dict, hashed: bool = True) -> list[str]:
+    """What is wrong with the files a manifest lists under ``root``: missing, other size, other sha256.
+
+    With ``hashed`` False only presence and size are checked (cheap: for listings). Files are hashed on
+    several threads (hashlib releases the GIL on large buffers), largest first."""
+    problems, to_hash = [], []
+    for name, meta in sorted(listed.items()):
+        p = root / name
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        if size != meta["bytes"]:
+            problems.append(f"{name}: {size} bytes, manifest says {meta['bytes']}")
+        elif hashed:
+            to_hash.append((size, name, p, meta["sha256"]))
+    if to_hash:
+        to_hash.sort(reverse=True)
+        with ThreadPoolExecutor(max_workers=min(8, len(to_hash), os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(lambda t: sha256_file(t[2]), to_hash))
+        for (_, name, _, want), got in zip(to_hash, digests):
+            if got != want:
+                problems.append(f"{name}: sha256 {got[:12]}…, manifest says {want[:12]}…")
+    return sorted(problems)
+
 
 @dataclass
 class PendingArtifact:
@@ -131,7 +244,6 @@ class PendingArtifact:
     store: "ArtifactStore"
     key: str
     path: Path
-    manifest: dict = field(default_factory=dict)
 
 
 class ArtifactStore:
@@ -150,7 +262,8 @@ class ArtifactStore:
     def work_dir(self, key: str) -> Path:
         """Scratch space that survives a crash (resumable checkpoints); removed after a commit."""
         p = self.root / "work" / key
-        p.mkdir(parents=True, exist_ok=True)
+        with writing(p):
+            p.mkdir(parents=True, exist_ok=True)
         return p
 
     # --- reading ------------------------------------------------------------------------------
@@ -172,6 +285,11 @@ class ArtifactStore:
 
     def resolve(self, key_or_prefix: str) -> str:
         """Accept a full key or a unique prefix of one (as git does with commits)."""
+        if not key_or_prefix:
+            raise StoreError("give an artifact key or a unique prefix of one (see golf artifacts ls)")
+        if not KEY_PATTERN.fullmatch(key_or_prefix):
+            raise StoreError(f"{key_or_prefix!r} is not an artifact key (keys look like train-1a2b3c...; "
+                             f"see golf artifacts ls)")
         if self.exists(key_or_prefix):
             return key_or_prefix
         matches = [a for a in self.keys() if a.startswith(key_or_prefix)]
@@ -193,6 +311,16 @@ class ArtifactStore:
                 out.append(self.get(k))
         return sorted(out, key=lambda a: a.manifest.get("finished_at", ""))
 
+    def broken(self) -> list[tuple[str, str]]:
+        """(directory name, why) for each objects/ entry with a manifest that is not a valid artifact."""
+        out = []
+        for k in self.keys():
+            try:
+                self.get(k)
+            except StoreError as e:
+                out.append((k, str(e)))
+        return out
+
     def incomplete(self) -> list[Path]:
         """Directories that are not artifacts: builds in progress or left by a crash."""
         tmp = self.root / "tmp"
@@ -204,19 +332,8 @@ class ArtifactStore:
     def verify(self, key: str) -> list[str]:
         """Re-hash every file of an artifact; return the problems found (empty when intact)."""
         art = self.get(key)
-        problems = []
         listed = art.manifest.get("files", {})
-        for name, meta in sorted(listed.items()):
-            p = art.path / name
-            if not p.is_file():
-                problems.append(f"{name}: missing")
-                continue
-            size = p.stat().st_size
-            if size != meta["bytes"]:
-                problems.append(f"{name}: {size} bytes, manifest says {meta['bytes']}")
-            digest = sha256_file(p)
-            if digest != meta["sha256"]:
-                problems.append(f"{name}: sha256 {digest[:12]}…, manifest says {meta['sha256'][:12]}…")
+        problems = file_problems(art.path, listed)
         for p in sorted(art.path.rglob("*")):
             rel = p.relative_to(art.path).as_posix()
             if p.is_file() and rel != MANIFEST and rel not in listed:
@@ -244,22 +361,71 @@ class ArtifactStore:
     def lock(self, key: str) -> Iterator[None]:
         """Hold the build lock of one key (an flock, released if the process dies)."""
         locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{key}.lock", "w") as fh:
+        with writing(locks):
+            locks.mkdir(parents=True, exist_ok=True)
+            fh = open(locks / f"{key}.lock", "w")
+        with fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def begin(self, key: str, tmp_name: str | None = None) -> PendingArtifact:
-        """A fresh temporary directory next to objects/ for building ``key``."""
-        tmp = self.root / "tmp" / (tmp_name or f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True, exist_ok=True)
+    def try_lock(self, key: str):
+        """The build lock of ``key`` if nobody holds it (an open file to close to release it), else None."""
+        locks = self.root / "locks"
+        with writing(locks):
+            locks.mkdir(parents=True, exist_ok=True)
+            fh = open(locks / f"{key}.lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        return fh
+
+    def sweep_tmp(self, building: str) -> list[Path]:
+        """Remove what killed builds left in tmp/; call while holding the lock of ``building``.
+
+        A temporary directory is ``<key>.<pid>.<nonce>``: one of ``building`` is a leftover (we hold its
+        lock); one of another key is a leftover when that key's lock can be taken now. Builds in progress,
+        in this process's other threads or in other processes, hold their locks and are left alone."""
+        tmp = self.root / "tmp"
+        removed = []
+        for p in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            key = p.name.split(".", 1)[0]
+            if key == building:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+                continue
+            fh = self.try_lock(key) if KEY_PATTERN.fullmatch(key) else None
+            if fh is not None:
+                try:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                finally:
+                    fh.close()
+        return removed
+
+    def begin(self, key: str) -> PendingArtifact:
+        """A fresh temporary directory next to objects/ for building ``key`` (hold its lock)."""
+        self.sweep_tmp(key)
+        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        with writing(tmp):
+            tmp.mkdir(parents=True, exist_ok=True)
         return PendingArtifact(self, key, tmp)
 
     def commit(self, pending: PendingArtifact, manifest: dict) -> Artifact:
-        """Hash the files, write the manifest last, and rename into place (first writer wins)."""
+        """Hash the files, write the manifest last, and rename into place (first writer wins). If the disk
+        refuses (full, read-only), the temporary directory is removed and a StoreWriteError raised."""
+        try:
+            with writing(pending.path / MANIFEST):
+                return self._commit(pending, manifest)
+        except StoreWriteError:
+            self.abort(pending)
+            raise
+
+    def _commit(self, pending: PendingArtifact, manifest: dict) -> Artifact:
         files = {}
         for p in sorted(pending.path.rglob("*")):
             if p.is_file() and p.name != MANIFEST:

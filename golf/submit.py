@@ -201,8 +201,9 @@ def format_comparison(c: Comparison) -> str:
 
 # --- the submission folder ---------------------------------------------------------------------------------
 def _ledgers(run: Run) -> tuple[float, float]:
+    from stages.calibration import read_calibration
     from stages.compliance import eval_ledger, train_ledger
-    counted_train, _ = train_ledger(run.train, run.average, run.quantize)
+    counted_train, _ = train_ledger(run.train, run.average, read_calibration(run.quantize))
     counted_eval, _ = eval_ledger(run.eval)
     return sum(counted_train.values()), sum(counted_eval.values())
 
@@ -331,6 +332,13 @@ def submit(store: ArtifactStore, keys: Sequence[str], out: Path, name: str, gith
     if diffs:
         raise SubmitError(f"the runs are not seeds of one config: {diffs[0]}" +
                           (f" (and {len(diffs) - 1} more differences)" if len(diffs) > 1 else ""))
+    for r in runs:  # what ships (weights, code, logs, reports) must be what the manifests hashed
+        for art in (*r.by_role().values(), r.compliance):
+            problems = store.verify(art.key)
+            if problems:
+                raise SubmitError(f"{art.key} fails verification ({problems[0]}"
+                                  + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
+                                  + f"): nothing written; rebuild it with golf run --force {art.stage}")
     primary = runs[0]
     code = primary.quantize.file("shipped_code.py").read_bytes()
     counted = json.loads(primary.quantize.file("size.json").read_text())["code_bytes"]

@@ -19,11 +19,10 @@ A FAIL is a result, not an error: the artifact records it and ``golf run`` exits
 
 Files other stages write for these checks (absent = not applicable):
 
-  quantize/calibration.json   {"source": "train" | "generated", "shards": ["fineweb_train_000000.bin", ...],
-                               "tokens": N}: where the calibration tokens came from. FAIL if the source is
-                               val or a listed shard is a val shard. Absent: no calibration, unless
-                               quantize reports ``calibration_seconds`` (then the source is unverifiable: FAIL).
-  quantize metrics            ``calibration_seconds``: counted in the training ledger.
+  quantize/calibration.json   ``stages.calibration.CalibrationRecord``: source ("train"), shards, tokens,
+                               seconds. FAIL if the source is not train or a listed shard is a val shard;
+                               absent while quantize's config calibrates (GPTQ, LQER): unverifiable, FAIL.
+                               Its seconds are counted in the training ledger.
   average metrics             ``selection_seconds``: the held-out candidate scoring on training data that
                                chose the weights (method=best), counted in the training ledger (the stage
                                duration is used as an upper bound when the metric is absent and a selection
@@ -60,7 +59,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from artifacts import Artifact, Stage, StageContext
+from . import checks
 from .bpb import bits_per_byte, piece_tables
+from .calibration import FILE as CALIBRATION_FILE
+from .calibration import CalibrationFileError, CalibrationRecord, calibrates, read_calibration
 from .scoring import document_spans, score_stream
 from .shards import load_split
 from .dataset import Dataset
@@ -94,6 +96,13 @@ class ComplianceConfig:
     leak_tolerance_nats: float = 1e-6  # largest NLL shift of the next document that counts as no leak
     leak_seed: int = 0              # seed of the random tokens that replace the previous document
     device: str = "auto"            # device for the boundary-leak test: auto | cpu | cuda
+
+    def __post_init__(self):
+        checks.choices(self, "compliance", {"device": ("auto", "cpu", "cuda")})
+        checks.ints(self, "compliance", ("cap_bytes",), 1)
+        checks.ints(self, "compliance", ("expected_val_tokens", "leak_pairs", "leak_seed"))
+        checks.reals(self, "compliance", ("train_limit_s", "eval_limit_s"), lo_open=True)
+        checks.reals(self, "compliance", ("bpb_rel_tolerance", "leak_tolerance_nats"))
 
 
 class ComplianceInputError(ValueError):
@@ -156,20 +165,20 @@ def check_val_not_in_train(val_hashes: np.ndarray, train_hashes: np.ndarray) -> 
                   f"text: {shared} shared")
 
 
-def check_calibration(calibration: dict | None, val_shards: Sequence[str], calibration_seconds: float | None) -> dict:
-    """Calibration tokens must not come from the val split (calibration.json from quantize)."""
-    if calibration is None:
-        if calibration_seconds:
-            return result("calibration", FAIL, f"quantize spent {calibration_seconds:.1f} s calibrating but wrote no "
-                                               f"calibration.json: the calibration data cannot be checked")
-        return result("calibration", PASS, "no calibration: quantize reads no data (no calibration.json)")
-    source = str(calibration.get("source", "")).lower()
-    shards = [Path(s).name for s in calibration.get("shards", [])]
+def check_calibration(record: CalibrationRecord | None, val_shards: Sequence[str], calibrated: bool) -> dict:
+    """Calibration tokens must not come from the val split (quantize's calibration.json says which it read)."""
+    if record is None:
+        if calibrated:
+            return result("calibration", FAIL, f"quantize calibrates (GPTQ or LQER) but wrote no {CALIBRATION_FILE}: "
+                                               f"the calibration data cannot be checked")
+        return result("calibration", PASS, f"no calibration: quantize reads no data (no {CALIBRATION_FILE})")
+    source = record.source.lower()
+    shards = [Path(s).name for s in record.shards]
     val_names = {Path(s).name for s in val_shards}
     bad = [s for s in shards if s in val_names or "_val_" in s]
     listed = ", ".join(shards[:4]) + (" ..." if len(shards) > 4 else "")
-    evidence = f"source {source or '?'}, {len(shards)} shard(s) {listed}, {calibration.get('tokens', '?')} tokens"
-    if source in ("val", "validation") or bad:
+    evidence = f"source {source or '?'}, {len(shards)} shard(s) {listed}, {record.tokens:,} tokens"
+    if source != "train" or bad:
         return result("calibration", FAIL,
                       evidence + f": calibration reads validation data ({', '.join(bad) or source})")
     return result("calibration", PASS, evidence + "; no val shard among them")
@@ -361,11 +370,11 @@ def _optional_json(art: Artifact, name: str) -> dict | None:
         raise ComplianceInputError(f"{art.key}/{name}: not valid JSON ({e.msg})") from None
 
 
-def train_ledger(tr: Artifact, avg: Artifact, q: Artifact) -> tuple[dict, dict]:
+def train_ledger(tr: Artifact, avg: Artifact, calibration: CalibrationRecord | None) -> tuple[dict, dict]:
     """(counted, not counted) seconds of the training side."""
     counted = {"training loop": tr.metrics["train_seconds"]}
-    if q.metrics.get("calibration_seconds") is not None:
-        counted["GPTQ calibration"] = q.metrics["calibration_seconds"]
+    if calibration is not None:
+        counted["GPTQ calibration"] = calibration.seconds
     if avg.metrics.get("selection_seconds") is not None:
         counted["held-out selection"] = avg.metrics["selection_seconds"]
     elif avg.config.get("method") == "best" and sum(k.startswith("heldout_loss_") for k in avg.metrics) > 1:
@@ -413,7 +422,11 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
 
     # time ledger
     train_hw, train_ok = hardware(tr.manifest.get("environment", {}), tr.metrics.get("world_size", 1))
-    counted, excluded = train_ledger(tr, avg, q)
+    try:
+        calibration = read_calibration(q)
+    except CalibrationFileError as e:
+        raise ComplianceInputError(str(e)) from None
+    counted, excluded = train_ledger(tr, avg, calibration)
     checks.append(check_time("train_time", counted, cfg.train_limit_s, train_hw, train_ok, excluded))
     eval_hw, eval_ok = hardware(ev.manifest.get("environment", {}), ev.metrics.get("world_size", 1))
     counted, excluded = eval_ledger(ev)
@@ -422,8 +435,7 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
     # data
     val_hashes = np.load(tok.file("doc_hashes_val.npy"))
     checks.append(check_val_not_in_train(val_hashes, np.load(tok.file("doc_hashes_train.npy"))))
-    checks.append(check_calibration(_optional_json(q, "calibration.json"), ds.info["shards"]["val"],
-                                    q.metrics.get("calibration_seconds")))
+    checks.append(check_calibration(calibration, ds.info["shards"]["val"], calibrates(q.config)))
     all_tokens = load_split(ds.shard_paths("val"))
     nll = np.load(ev.file("token_nll.npy"))
     tokenizer_sha = hashlib.sha256(ds.tokenizer_path.read_bytes()).hexdigest()

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 
 from artifacts import Artifact, Stage, StageContext
+from . import checks
 from .average import HeldoutScorer, heldout_tokens, load_weights
+from .calibration import CalibrationRecord, calibrates
 from .devices import resolve_device
 from .gptq import (collect_hessians, lqer, output_error, parse_clip, quantize_matrix, sort_rows,
                    weight_error)
@@ -82,12 +84,10 @@ class QuantizeConfig:
     fit_val_tokens: int = 0             # fit: val tokens for that report (0 = all)
 
     def __post_init__(self):
-        checks = {"mode": ("fixed", "fit"), "method": ("rtn", "gptq"), "float_dtype": ("float16", "float32"),
+        allowed = {"mode": ("fixed", "fit"), "method": ("rtn", "gptq"), "float_dtype": ("float16", "float32"),
                   "compressor": (*COMPRESSORS, "none", "best"), "shuffle": ("off", "on", "try"),
                   "row_order": ("none", "scale"), "device": ("auto", "cpu", "cuda")}
-        for name, allowed in checks.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"quantize.{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        checks.choices(self, "quantize", allowed)
         for name in ("bits", "embed_bits", "attn_bits", "mlp_bits", "lqer_bits"):
             v = getattr(self, name)
             if not (2 <= v <= 8 or (v == 0 and name in ("attn_bits", "mlp_bits"))):
@@ -95,6 +95,12 @@ class QuantizeConfig:
         for name in ("clip", "embed_clip", "attn_clip", "mlp_clip"):
             if getattr(self, name):
                 parse_clip(getattr(self, name))
+        checks.ints(self, "quantize", ("gptq_block", "seq_len", "cap_bytes", "fit_verify_top"), 1)
+        checks.ints(self, "quantize", ("calib_seqs", "keep_float_max_numel", "lqer_rank", "lqer_top", "fit_margin_bytes",
+                                       "heldout_tokens", "fit_val_tokens"))
+        checks.reals(self, "quantize", ("gptq_damp",))
+        checks.need(self.calib_seqs > 0 or (self.method == "rtn" and self.lqer_rank == 0),
+                    "quantize.calib_seqs must be >= 1 for method=gptq or lqer_rank > 0 (they calibrate on it)")
 
 
 class OverCap(RuntimeError):
@@ -219,33 +225,34 @@ class Quantized:
     size: dict                          # size.json
     metrics: dict
     fit: object | None                  # capfit.FitResult in fit mode
+    calibration: CalibrationRecord | None = None  # what calibration read (None: it read no data)
 
 
 def calibrate(state: dict, model_cfg: ModelConfig, ds: Dataset, cfg: QuantizeConfig,
-              device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
-    """Hessians of every Linear's input from the head of the train shards, and what was used."""
+              device: torch.device) -> tuple[dict[str, torch.Tensor], CalibrationRecord]:
+    """Hessians of every Linear's input from the head of the train shards, and the record of what was read."""
     tokens, shards = calibration_tokens(ds, cfg.calib_seqs * cfg.seq_len)
     model = GPT(model_cfg)
     model.load_state_dict(state)
     hessians, calib_s = collect_hessians(model, tokens, cfg.seq_len, 16, device)
     log.info("calibration: %d Hessians from %s train tokens (%s) in %.2f s", len(hessians),
              f"{len(tokens):,}", ", ".join(shards), calib_s)
-    return hessians, {"calibration_seconds": round(calib_s, 3), "calibration_tokens": int(len(tokens)),
-                      "calibration_shards": shards}
+    return hessians, CalibrationRecord(source="train", shards=tuple(shards), tokens=int(len(tokens)),
+                                       seconds=round(calib_s, 3))
 
 
 def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, ds: Dataset, cfg: QuantizeConfig,
-                     hessians: tuple[dict, dict] | None = None) -> Quantized:
+                     hessians: tuple[dict, CalibrationRecord] | None = None) -> Quantized:
     """Quantize, pack and size one state dict under ``cfg``; check the round trip and the cap.
 
     ``hessians`` (from ``calibrate``) may be passed in to share one calibration between configs."""
     device = resolve_device(cfg.device, "quantize.device")
     meta = {"model_config": dataclasses.asdict(model_cfg)}
     metrics: dict = {"calibration_seconds": 0.0}
-    H = None
-    if cfg.method == "gptq" or cfg.lqer_rank > 0:
-        H, calib = hessians or calibrate(state, model_cfg, ds, cfg, device)
-        metrics.update(calib)
+    H, calibration = None, None
+    if calibrates(dataclasses.asdict(cfg)):
+        H, calibration = hessians or calibrate(state, model_cfg, ds, cfg, device)
+        metrics.update(calibration.metrics())
 
     readable, wrapped = shipped_code()
     code_bytes = len(wrapped.encode("utf-8"))
@@ -324,7 +331,7 @@ def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, ds:
                     "scheme": "; ".join(f"{g} {s}" for g, s in scheme_text.items()) + f"; {cfg.method}",
                     "compressors": sorted({p.method for p in packed.values()}),
                     "compress_seconds": round(compress_s, 3), "decompress_seconds": round(decompress_s, 3)})
-    return Quantized(blob, wrapped, readable, deq, size, metrics, fit_result)
+    return Quantized(blob, wrapped, readable, deq, size, metrics, fit_result, calibration)
 
 
 def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
@@ -334,6 +341,8 @@ def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext
     (ctx.dir / "shipped_code.py").write_text(out.wrapped_code)
     (ctx.dir / "shipped_code_readable.py").write_text(out.readable_code)
     (ctx.dir / "size.json").write_text(json.dumps(out.size, indent=2) + "\n")
+    if out.calibration is not None:
+        out.calibration.write(ctx.dir)
     if out.fit is not None:
         (ctx.dir / "candidates.json").write_text(json.dumps(out.fit.report, indent=2) + "\n")
         (ctx.dir / "candidates.md").write_text(out.fit.markdown)

@@ -17,6 +17,7 @@ from artifacts import Artifact, run_stage
 from golf.cli import main
 from golf.stats import betainc, student_t_sf, welch_one_sided
 from stages import compliance as C
+from stages.calibration import CalibrationRecord
 
 
 # --- size -------------------------------------------------------------------------------------------------
@@ -58,15 +59,15 @@ def _art(stage, metrics=None, config=None, duration=0.0, inputs=None, key=None):
 def test_ledgers_read_optional_fields_from_other_stages():
     tr = _art("train", {"train_seconds": 590.0, "warmup_seconds": 20.0})
     avg = _art("average", {"heldout_loss_final": 3.0, "heldout_loss_ema": 3.1}, {"method": "best"}, duration=7.0)
-    q = _art("quantize", {"calibration_seconds": 4.0})
-    counted, excluded = C.train_ledger(tr, avg, q)
+    calib = CalibrationRecord("train", ("fineweb_train_000000.bin",), 1000, 4.0)
+    counted, excluded = C.train_ledger(tr, avg, calib)
     assert counted == {"training loop": 590.0, "GPTQ calibration": 4.0,
                        "average stage (bounds held-out selection)": 7.0}
     assert excluded == {"compile warm-up": 20.0}
     avg2 = _art("average", {"selection_seconds": 0.5, "heldout_loss_final": 3.0}, {"method": "best"}, duration=7.0)
-    assert C.train_ledger(tr, avg2, _art("quantize"))[0] == {"training loop": 590.0, "held-out selection": 0.5}
+    assert C.train_ledger(tr, avg2, None)[0] == {"training loop": 590.0, "held-out selection": 0.5}
     avg3 = _art("average", {"heldout_diagnostic_seconds": 80.0, "heldout_loss_ema": 3.0}, {"method": "ema"})
-    assert C.train_ledger(tr, avg3, _art("quantize")) == ({"training loop": 590.0},
+    assert C.train_ledger(tr, avg3, None) == ({"training loop": 590.0},
                                                          {"compile warm-up": 20.0, "held-out diagnostic": 80.0})
     ev = _art("eval", {"eval_seconds": 400.0, "load_seconds": 20.0, "ttt_seconds": 150.0, "pre_quant_eval_seconds": 9})
     assert sum(C.eval_ledger(ev)[0].values()) == 570.0
@@ -82,13 +83,32 @@ def test_val_documents_in_training_data_fail():
 
 def test_calibration_must_not_read_val_shards():
     val = ["fineweb_val_000000.bin"]
-    assert C.check_calibration(None, val, None)["status"] == "PASS"
-    train = {"source": "train", "shards": ["fineweb_train_000000.bin"], "tokens": 2_000_000}
-    assert C.check_calibration(train, val, 4.7)["status"] == "PASS"
-    bad = C.check_calibration({"source": "train", "shards": ["/data/fineweb_val_000000.bin"], "tokens": 10}, val, 4.7)
+    assert C.check_calibration(None, val, False)["status"] == "PASS"
+    train = CalibrationRecord("train", ("fineweb_train_000000.bin",), 2_000_000, 4.7)
+    assert C.check_calibration(train, val, True)["status"] == "PASS"
+    bad = C.check_calibration(CalibrationRecord("train", ("/data/fineweb_val_000000.bin",), 10, 4.7), val, True)
     assert bad["status"] == "FAIL" and "fineweb_val_000000.bin" in bad["evidence"]
-    assert C.check_calibration({"source": "val", "shards": [], "tokens": 10}, val, 4.7)["status"] == "FAIL"
-    assert C.check_calibration(None, val, 4.7)["status"] == "FAIL"  # calibrated, source unrecorded
+    assert C.check_calibration(CalibrationRecord("val", (), 10, 4.7), val, True)["status"] == "FAIL"
+    assert C.check_calibration(None, val, True)["status"] == "FAIL"  # calibrated, source unrecorded
+
+
+def test_gptq_and_lqer_quantize_pass_compliance_through_one_calibration_record(pipeline_run):
+    """The contract in one place: quantize writes calibration.json, compliance reads it (issue: every GPTQ run
+    FAILed with 'wrote no calibration.json')."""
+    from golf.config import apply_overrides
+    from golf.pipeline import run_pipeline
+    from stages.calibration import read_calibration
+    store, cfg, _ = pipeline_run
+    for extra in (["quantize.method=gptq"], ["quantize.lqer_rank=2", "quantize.lqer_top=1"]):
+        res = {r.artifact.stage: r.artifact for r in run_pipeline(apply_overrides(cfg, extra), store)}
+        record = read_calibration(res["quantize"])
+        assert record is not None and record.source == "train" and record.tokens > 0
+        assert record.shards == ("fineweb_train_000000.bin",)
+        report = json.loads(res["compliance"].file("report.json").read_text())
+        checks = {c["check"]: c for c in report["checks"]}
+        assert checks["calibration"]["status"] == "PASS", checks["calibration"]
+        assert f"GPTQ calibration {record.seconds:.1f} s" in checks["train_time"]["evidence"]
+        assert res["quantize"].metrics["calibration_seconds"] == record.seconds
 
 
 def test_val_split_must_be_the_canonical_one():
