@@ -39,7 +39,7 @@ def stage_task(stage_name: str, config: dict, input_keys: dict[str, str], store_
     stage = STAGE_BY_NAME[stage_name]
     store = ArtifactStore(store_root)
     inputs = {role: store.get(key) for role, key in input_keys.items()}
-    res = run_stage(stage, config_from_dict(stage.config, config), inputs, store, force=force)
+    res = run_stage(stage, config_from_dict(stage.config, config, stage_name), inputs, store, force=force)
     summary = res.summary()
     rows = [{"field": "key", "value": res.artifact.key},
             {"field": "status", "value": "cached" if res.cached else "built"},

@@ -67,8 +67,8 @@ def quantize_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str
     from artifacts.store import default_root
     if isinstance(config, dict):  # called directly, not through Prefect's parameter validation
         config = config_from_dict(PipelineConfig, config)  # refuses unknown keys before anything runs
-    quantize_configs = [config_from_dict(QuantizeConfig, q) if isinstance(q, dict) else q
-                        for q in quantize_configs or []]
+    quantize_configs = [config_from_dict(QuantizeConfig, q, f"quantize_configs[{i}]") if isinstance(q, dict) else q
+                        for i, q in enumerate(quantize_configs or [])]
     if not quantize_configs:
         raise ValueError("quantize_configs is empty: give at least one quantize config to compare")
     if labels is not None and len(labels) != len(quantize_configs):

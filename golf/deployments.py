@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
+from .defaults import DEFAULT_POOL, PREFECT_FILE  # noqa: F401  (defined there for the CLI's parser, torch-free)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
-DEFAULT_POOL = "golf"
 
 
 class DeployError(ValueError):

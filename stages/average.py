@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from artifacts import Artifact, Stage, StageContext
+from . import checks
 from .model import GPT, ModelConfig
 from .devices import resolve_device
 from .scoring import score_stream
@@ -41,6 +42,11 @@ class AverageConfig:
     heldout_tokens: int = 65536  # tokens of training data used to compare the candidates
     heldout_seq_len: int = 0    # window for that comparison (0 = the training seq_len)
     device: str = "auto"        # auto | cpu | cuda: where the candidates are scored
+
+    def __post_init__(self):
+        checks.choices(self, "average", {"method": METHODS, "device": ("auto", "cpu", "cuda")})
+        checks.ints(self, "average", ("swa_stride", "heldout_tokens"), 1)
+        checks.ints(self, "average", ("swa_start_step", "swa_last", "heldout_seq_len"))
 
 
 def checkpoint_step(name: str) -> int:

@@ -67,8 +67,8 @@ def open_binary(path: Path) -> Iterator[BinaryIO]:
     except ImportError:
         zstandard = None
     if zstandard is not None:
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as fh:
-            yield fh
+        with open(path, "rb") as raw:
+            yield ZstdFrames(raw, path, zstandard)
         return
     exe = shutil.which("zstd")
     if exe is None:
@@ -83,6 +83,54 @@ def open_binary(path: Path) -> Iterator[BinaryIO]:
         proc.stdout.close()
         proc.kill()
         proc.wait()
+
+
+class ZstdFrames:
+    """The decompressed bytes of a .zst file, frame after frame, read like a file (``read(n)``).
+
+    zstandard's ``stream_reader`` ends quietly where a cut file ends, and the documents before the cut would be
+    tokenized as if they were all: here a file that ends inside a frame, or whose data or checksum is corrupt,
+    is a DataError naming it (as ``zstd -d`` fails on it)."""
+
+    RAW_BYTES = 128 << 10
+
+    def __init__(self, raw: BinaryIO, path: Path, zstandard):
+        self.raw, self.path, self.zstandard = raw, path, zstandard
+        self.dctx = zstandard.ZstdDecompressor()
+        self.frame = None      # the decompressor of the frame being read, None between frames
+        self.pending = b""     # compressed bytes after the end of the last frame: the next frame's start
+        self.out = bytearray()
+        self.frames = 0
+        self.done = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.done and (n < 0 or len(self.out) < n):
+            self._more()
+        n = len(self.out) if n < 0 else n
+        data = bytes(self.out[:n])
+        del self.out[:n]
+        return data
+
+    def _more(self) -> None:
+        data, self.pending = self.pending or self.raw.read(self.RAW_BYTES), b""
+        if not data:
+            if self.frame is not None:
+                raise DataError(f"{self.path}: truncated zstd file (it ends inside frame {self.frames}): "
+                                f"the file was cut short; fetch or write it again")
+            if self.frames == 0:
+                raise DataError(f"{self.path}: empty file, not zstd data")
+            self.done = True
+            return
+        if self.frame is None:
+            self.frame = self.dctx.decompressobj()
+            self.frames += 1
+        try:
+            self.out += self.frame.decompress(data)
+        except self.zstandard.ZstdError as e:
+            raise DataError(f"{self.path}: corrupt zstd data in frame {self.frames} ({e})") from None
+        if self.frame.eof:  # the frame is complete (its checksum, if it has one, verified)
+            self.pending = self.frame.unused_data
+            self.frame = None
 
 
 @dataclass
@@ -148,7 +196,14 @@ def _parquet_chunks(f: Path, rows: int, before: int) -> Iterator[Chunk]:
         raise DataError(f"{f}: column 'text' has type {kind}, expected string")
     row = 0
     # iter_batches decodes one row group at a time: memory stays bounded by the file's row-group size
-    for batch in pf.iter_batches(batch_size=rows, columns=["text"]):
+    batches = pf.iter_batches(batch_size=rows, columns=["text"])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:  # a corrupt page or a cut file (its footer read, its data not)
+            raise DataError(f"{f}: corrupt parquet data after row {row} ({e})") from None
+        if batch is None:
+            break
         arr = batch.column(0)
         yield Chunk(str(f), "arrow", row, before + row, arr)
         row += len(arr)

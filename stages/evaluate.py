@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
+from . import checks
 from .average import load_weights
 from .devices import resolve_device
 from .launch import die_with_launcher, run_workers
@@ -76,6 +77,9 @@ class EvalConfig:
     budget_seconds: float = 600.0  # the challenge's eval limit (0 = none); load + scoring + TTT count
     on_budget: str = "fail"      # projected past the budget: fail (error) | stop (stop adapting, score the rest)
 
+    def __post_init__(self):
+        check_config(self)
+
 
 class EvalError(RuntimeError):
     pass
@@ -86,8 +90,11 @@ class EvalConfigError(ValueError):
 
 
 def check_config(cfg: EvalConfig) -> None:
-    if cfg.on_budget not in ("fail", "stop"):
-        raise EvalConfigError(f"eval.on_budget must be fail or stop, not {cfg.on_budget!r}")
+    """Run when an EvalConfig is built (its __post_init__): a bad value is refused before any stage runs."""
+    checks.choices(cfg, "eval", {"on_budget": ("fail", "stop"), "device": ("auto", "cpu", "cuda")}, EvalConfigError)
+    checks.ints(cfg, "eval", ("seq_len", "batch_seqs", "nproc"), 1, EvalConfigError)
+    checks.ints(cfg, "eval", ("stride", "max_tokens"), 0, EvalConfigError)
+    checks.reals(cfg, "eval", ("budget_seconds",), error=EvalConfigError)
     if cfg.ttt.method in ("lora", "phased") and not cfg.doc_isolation:
         raise EvalConfigError(f"eval.ttt.method={cfg.ttt.method} adapts per document and scores each document on "
                               f"its own: set eval.doc_isolation=true")

@@ -47,6 +47,20 @@ class ModelConfig:
     bos_id: int = 1             # the token that starts every document
 
     def __post_init__(self):
+        for name, low in (("vocab_size", 0), ("num_layers", 1), ("model_dim", 1), ("num_heads", 1), ("num_kv_heads", 1),
+                          ("rope_dims", 0), ("bigram_buckets", 0), ("bigram_dim", 1), ("bos_id", 0)):
+            if type(getattr(self, name)) is not int or getattr(self, name) < low:
+                raise ValueError(f"{name} must be an integer >= {low}, not {getattr(self, name)!r}")
+        for name in ("mlp_mult", "rope_base", "qk_gain_init", "logit_softcap", "tied_embed_init_std"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and abs(v) < float("inf") and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, not {v!r}")
+        if self.mlp_mult * self.model_dim < 1 or self.rope_base <= 0:
+            raise ValueError(f"mlp_mult {self.mlp_mult} and rope_base {self.rope_base} must be > 0")
+        if self.vocab_size and self.bos_id >= self.vocab_size:
+            raise ValueError(f"bos_id {self.bos_id} is not a token of the vocabulary of {self.vocab_size}")
+        if not -1 <= self.parallel_from < self.num_layers:
+            raise ValueError(f"parallel_from {self.parallel_from} must be -1 (never) or a layer 0..{self.num_layers - 1}")
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:

@@ -30,13 +30,14 @@ from typing import Mapping
 import numpy as np
 
 from artifacts import Artifact, Stage, StageContext
+from . import checks
 from .docs import DataError, iter_chunks, iter_documents, resolve_source
 from .encoding import encode_chunk, init_worker, ordered_map
 from .published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
     summarise_split, val_byte_counts
 from .dataset import Dataset  # noqa: F401  (re-exported for callers of the old location)
 from .progress import progress_bar
-from .shards import ShardWriter
+from .shards import MAX_VOCAB, ShardWriter
 from .sptrain import check_vocab, train_sentencepiece
 
 __all__ = ["TokenizeConfig", "DataError", "Dataset", "STAGE", "iter_documents", "EMBEDDED_DOCS",
@@ -79,16 +80,19 @@ class TokenizeConfig:
             raise DataError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.overlap not in OVERLAP:
             raise DataError(f"overlap must be one of {', '.join(OVERLAP)}, got {self.overlap!r}")
-        if self.val_docs < 1:
-            raise DataError("val_docs must be at least 1")
-        if self.workers < 1:
-            raise DataError("workers must be at least 1")
-        if self.tokens_per_shard < 1:
-            raise DataError("tokens_per_shard must be positive")
+        checks.ints(self, "tokenize", ("val_docs", "workers", "tokens_per_shard", "sp_max_doc_bytes"), 1, DataError)
+        checks.ints(self, "tokenize", ("max_docs", "train_shards", "sp_train_docs"), 0, DataError)
+        checks.need(isinstance(self.sp_vocab_size, int) and 1 <= self.sp_vocab_size <= MAX_VOCAB,
+                    f"tokenize.sp_vocab_size must be in 1..{MAX_VOCAB} (shard ids are uint16), not {self.sp_vocab_size!r}",
+                    DataError)
+        checks.need(self.mode != "documents" or not 0 < self.max_docs <= self.val_docs,
+                    f"tokenize.max_docs={self.max_docs} leaves no training documents after val_docs={self.val_docs} "
+                    f"(0 = no limit)", DataError)
+        for name in ("source", "tokenizer", "repo_id", "variant"):
+            checks.need(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "",
+                        f"tokenize.{name} must not be empty", DataError)
         if self.tokenizer == "train" and self.mode != "documents":
             raise DataError("tokenizer=train needs mode=documents (published shards come with their tokenizer)")
-        if min(self.max_docs, self.train_shards, self.sp_train_docs) < 0:
-            raise DataError("max_docs, train_shards and sp_train_docs cannot be negative")
 
 
 EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER, "embedded-sp8192": EMBEDDED_DIR / "fineweb_8192_bpe.model"}

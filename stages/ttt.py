@@ -75,8 +75,16 @@ class TTTConfig:
                self.phases, self.phase_epochs) < 1:
             raise ValueError("ttt: chunk_tokens, epochs, batch_seqs, lora_rank, lora_chunk, lora_docs, phases and "
                              "phase_epochs must be >= 1")
-        if len(self.lora_betas.split(",")) != 2:
-            raise ValueError(f"ttt.lora_betas must be two numbers like 0.9,0.999, not {self.lora_betas!r}")
+        for name in ("lr", "momentum", "grad_clip", "lora_alpha", "lora_lr", "lora_wd", "phase_lr", "phase_docs"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < float("inf")) or name == "momentum" and v >= 1:
+                raise ValueError(f"ttt.{name} must be a finite number >= 0{' and < 1' * (name == 'momentum')}, not {v!r}")
+        try:
+            betas = [float(b) for b in self.lora_betas.split(",")]
+        except ValueError:
+            betas = []
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"ttt.lora_betas must be two numbers in [0, 1) like 0.9,0.999, not {self.lora_betas!r}")
 
 
 class EvalBudgetError(RuntimeError):
