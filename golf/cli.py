@@ -22,6 +22,7 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2      # bad flag, preset, key or value; missing or corrupt artifact
 EXIT_COMPLIANCE_FAIL = 3  # the pipeline ran but the compliance stage says FAIL
+EXIT_STORE_WRITE = 4      # the disk refused a write to the store (full, read-only, quota); partial files removed
 
 
 def _store(args):
@@ -59,9 +60,10 @@ def print_summary(summaries: list[dict], wall: float) -> None:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import check_stage_names, preflight
+    from .pipeline import check_stage_names, preflight, stages_until
     cfg = _config(args)
     force = check_stage_names(args.force or [])
+    stages_until(args.until)  # a misspelt stage is one line here, before Prefect starts a flow run for it
     preflight(cfg)
     store = _store(args)
     t0 = time.perf_counter()
@@ -72,6 +74,8 @@ def cmd_run(args) -> int:
             print(f"{res.artifact.stage:<10} {'cached' if res.cached else 'built':<6} {res.artifact.key}", flush=True)
         summaries = [r.summary() for r in run_pipeline(cfg, store, force, args.until, show)]
     else:
+        from .prefect_env import ensure_server
+        ensure_server()  # a temporary Prefect server tied to golf's life, unless the user names one
         from flows.pipeline import pipeline_flow
         summaries = pipeline_flow(config=dataclasses.asdict(cfg), store_root=str(store.root), force=force,
                                   until=args.until)
@@ -90,6 +94,8 @@ def cmd_sweep_quantize(args) -> int:
     if not args.variant:
         raise ConfigError("sweep-quantize needs at least one --variant \"field=value ...\" (quantize fields)")
     variants = [apply_overrides(cfg, [f"quantize.{kv}" for kv in v.split()]).quantize for v in args.variant]
+    from .prefect_env import ensure_server
+    ensure_server()
     from flows.quantize_sweep import format_table, quantize_sweep_flow
     out = quantize_sweep_flow(config=dc.asdict(cfg), store_root=str(_store(args).root),
                               quantize_configs=[dc.asdict(v) for v in variants], labels=list(args.variant))
@@ -115,20 +121,24 @@ def cmd_artifacts(args) -> int:
     from artifacts.runner import headline_metric
     store = _store(args)
     if args.action == "ls":
-        arts = store.list()
-        if not arts:
+        from artifacts.store import file_problems
+        arts, broken, incomplete = store.list(), store.broken(), store.incomplete()
+        if not (arts or broken or incomplete):
             print(f"no artifacts in {store.root}")
             return 0
         print(f"{'stage':<11}{'key':<32}{'created':<21}{'status':<10}{'size':>12}  metric")
         for a in arts:
-            status = "ok"
-            print(f"{a.stage:<11}{a.key:<32}{a.manifest.get('finished_at', '')[:19]:<21}{status:<10}"
-                  f"{a.total_bytes:>12,}  {headline_metric(a.stage, a.metrics)}")
-        for p in store.incomplete():
-            print(f"{'?':<11}{p.name[:31]:<32}{'':<21}{'incomplete':<10}{'':>12}  (not an artifact)")
+            # sizes only (cheap); `golf artifacts verify KEY` re-hashes, and every stage re-hashes its inputs
+            problems = file_problems(a.path, a.manifest.get("files", {}), hashed=False)
+            note = f"{problems[0]} (golf artifacts verify {a.key})" if problems else headline_metric(a.stage, a.metrics)
+            print(f"{a.stage:<11}{a.key:<32}{a.manifest.get('finished_at', '')[:19]:<21}"
+                  f"{'damaged' if problems else 'ok':<10}{a.total_bytes:>12,}  {note}")
+        for name, why in broken:
+            print(f"{'?':<11}{name[:31]:<32}{'':<21}{'broken':<10}{'':>12}  {why}")
+        for p in incomplete:
+            print(f"{'?':<11}{p.name[:31]:<32}{'':<21}{'incomplete':<10}{'':>12}  (being built, or left by a killed "
+                  f"build: removed by the next build)")
         return 0
-    if not args.key:
-        raise SystemExit(f"golf artifacts {args.action}: give an artifact key (see golf artifacts ls)")
     key = store.resolve(args.key)
     if args.action == "path":
         print(store.path_of(key))
@@ -192,9 +202,22 @@ def cmd_serve(args) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is when a record is written (not the one at set-up: a caller that
+    swaps stderr, as pytest's capture does, would otherwise leave it writing to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Our stages' messages on stderr; other libraries (httpx, prefect) only when they warn."""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     golf_log = logging.getLogger("golf")
     golf_log.handlers[:] = [handler]
@@ -205,6 +228,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from artifacts.store import DEFAULT_ROOT, ENV_ROOT
+    from .defaults import DEFAULT_POOL, DEFAULT_PRESET, PREFECT_FILE, PRESET_NAMES  # torch-free, unlike golf.config
+    presets = ", ".join(PRESET_NAMES)
     p = argparse.ArgumentParser(prog="golf", description="The Parameter Golf pipeline.")
     p.add_argument("--store", default=None,
                    help=f"artifact store root (default: ${ENV_ROOT} or ./{DEFAULT_ROOT})")
@@ -212,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def config_args(sp):
-        sp.add_argument("--preset", default="tiny", help="config preset (tiny, baseline)")
+        sp.add_argument("--preset", default=DEFAULT_PRESET, help=f"config preset ({presets}; default {DEFAULT_PRESET})")
         sp.add_argument("--set", action="append", metavar="STAGE.FIELD=VALUE",
                         help="override one config field; repeatable")
 
@@ -253,11 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=0.01, help="one-sided significance level")
     c.set_defaults(fn=cmd_compare)
 
-    from .deployments import DEFAULT_POOL, PREFECT_FILE
-
     def deployment_args(sp):
-        sp.add_argument("--preset", help="default parameters of every deployment from this preset (tiny, baseline, "
-                                         "record; default: the flows' own, the tiny preset)")
+        sp.add_argument("--preset", help=f"default parameters of every deployment from this preset ({presets}; "
+                                         f"default: the flows' own, the {DEFAULT_PRESET} preset)")
         sp.add_argument("--only", action="append", metavar="NAME", help="only this deployment; repeatable")
         sp.add_argument("--prefect-file", default=str(PREFECT_FILE), help="the list of deployments")
     d = sub.add_parser("deploy", help="create or update the Prefect deployments on the server at $PREFECT_API_URL")
@@ -278,21 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The errors that are the user's to fix (exit 2): (module, class). They are looked up in sys.modules rather
+# than imported: golf.config and the stages import torch, which `golf --help` and `golf artifacts` do not
+# need, and an exception of a class whose module was never imported cannot have been raised.
+USER_ERRORS = (("golf.config", "ConfigError"), ("artifacts.store", "StoreError"), ("stages.docs", "DataError"),
+               ("stages.shards", "ShardError"), ("golf.submit", "SubmitError"), ("golf.deployments", "DeployError"))
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS' classes among the modules imported so far, and FileNotFoundError."""
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS if m in sys.modules) + (FileNotFoundError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from artifacts import StoreError
-    from .config import ConfigError
-    from stages.tokenize import DataError
-    from stages.shards import ShardError
-    from .submit import SubmitError
-    from .deployments import DeployError
     try:
         if args.store is None:
             from artifacts.store import default_root
             args.store = str(default_root())
         return args.fn(args)
-    except (ConfigError, StoreError, DataError, ShardError, SubmitError, DeployError, FileNotFoundError) as e:
+    except user_errors() as e:  # evaluated when an exception arrives, so after the command imported its modules
         print(f"golf: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (RuntimeError, ValueError) as e:  # a stage failed: the message names the cause
@@ -307,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a disk full or read-only under the store (StoreWriteError), or another OS refusal
+        if args.verbose:
+            raise
+        from artifacts.store import StoreWriteError
+        print(f"golf: error: {e}", file=sys.stderr)
+        return EXIT_STORE_WRITE if isinstance(e, StoreWriteError) else 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from artifacts import Stage
 
 def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
     from artifacts import ArtifactStore, StoreError, run_stage
+    from artifacts.store import StoreWriteError
     from .config import ConfigError, apply_overrides, preset
     from stages.docs import DataError
     from stages.shards import ShardError
@@ -42,6 +43,9 @@ def stage_main(stage: Stage, argv: list[str] | None = None) -> None:
     except (ConfigError, StoreError, DataError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StoreWriteError as e:  # the disk refused a write (full, read-only): one line, as golf run says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(4)
     import os
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(res.summary(), indent=2, default=str))

@@ -45,20 +45,42 @@ class WorkersFailed(RuntimeError):
     """torchrun ended with a non-zero exit code."""
 
 
+_PRCTL = []  # libc's prctl, looked up once
+
+
+def _prctl():
+    if not _PRCTL:
+        _PRCTL.append(ctypes.CDLL(None, use_errno=True).prctl)
+    return _PRCTL[0]
+
+
 def _die_with_parent(sig: int, expected_parent: int | None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies; False where that is not
     possible. If the parent is already gone (it died before the request), die now."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        if _prctl()(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
     if expected_parent is not None and os.getppid() != expected_parent:
         os.kill(os.getpid(), sig)
     return True
+
+
+def die_with_parent_preexec(sig: int):
+    """A ``preexec_fn`` for subprocess.Popen: the child gets ``sig`` when the thread starting it dies (start it
+    from the main thread: then when this process dies, SIGKILL included). None where Linux's parent-death
+    signal is missing. prctl is looked up here, not between fork and exec."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        _prctl()
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    return lambda: _die_with_parent(sig, parent)
 
 
 def die_with_launcher() -> None:

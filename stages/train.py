@@ -13,6 +13,7 @@ On 8 GPUs (the stage launches torchrun itself when nproc > 1):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -31,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
+from artifacts.store import write_failure
+from . import checks
 from .losses import fused_softcap_cross_entropy
 from .model import GPT, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
@@ -76,6 +79,31 @@ class TrainConfig:
     fused_loss: str = "auto"       # fuse projection + softcap + cross-entropy: auto (cuda and vocab >= 4096) | on | off
     resume_every_s: float = 60.0   # seconds between resumable snapshots in the store's work dir
     log_every: int = 10
+
+    def __post_init__(self):
+        checks.choices(self, "train", {"muon_schedule": ("ns5", "polar_express"), "device": ("auto", "cpu", "cuda"),
+                                       "compile": ("auto", "on", "off"), "fused_loss": ("auto", "on", "off")})
+        checks.ints(self, "train", ("seq_len", "batch_tokens", "micro_batch_tokens", "nproc", "log_every"), 1)
+        checks.ints(self, "train", ("seed",), -2**63)
+        checks.ints(self, "train", ("max_steps", "muon_momentum_warmup_steps", "warmup_steps", "swa_every",
+                                    "compile_warmup_steps"))
+        checks.reals(self, "train", ("max_seconds", "matrix_lr", "embed_lr", "scalar_lr", "muon_weight_decay",
+                                     "grad_clip", "resume_every_s"))
+        checks.reals(self, "train", ("recur_from_frac", "warmdown_frac", "min_lr_frac"), 0.0, 1.0)
+        checks.reals(self, "train", ("muon_momentum", "muon_momentum_warmup_start", "ema_decay"), 0.0, 1.0, hi_open=True)
+        checks.need(self.max_seconds > 0 or self.max_steps > 0,
+                    f"train.max_seconds={self.max_seconds} with max_steps=0 sets no limit: training would never stop "
+                    f"(give max_seconds > 0, or max_steps > 0 to stop by steps alone)")
+        # what the training loop needs (stages/train.py's train()): the global batch splits into nproc processes
+        # x whole sequences, and each process's batch into whole micro-batches of whole sequences
+        local, rem = divmod(self.batch_tokens, self.nproc)
+        checks.need(not rem and local % self.seq_len == 0,
+                    f"train.batch_tokens={self.batch_tokens} must split into nproc={self.nproc} processes x whole "
+                    f"sequences of seq_len={self.seq_len}")
+        micro = min(self.micro_batch_tokens, local)
+        checks.need(local % micro == 0 and micro % self.seq_len == 0,
+                    f"train.micro_batch_tokens={self.micro_batch_tokens} must divide the per-process batch {local} "
+                    f"(batch_tokens / nproc) and be a multiple of seq_len={self.seq_len}")
 
 
 TrainConfig.NOT_IN_KEY = ("resume_every_s", "log_every")  # bookkeeping only: the same weights either way
@@ -208,9 +236,22 @@ def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_atomic(obj, path: Path) -> None:
+    """torch.save to ``path.part``, renamed into place. If that fails the part file is removed (on a full disk it
+    is what fills it), and a write the disk refused (full, read-only, size limit: torch reports these as
+    "unexpected pos ...") is a StoreWriteError naming ``path``; another failed write a RuntimeError naming it."""
     part = path.with_name(path.name + ".part")
-    torch.save(obj, part)
-    os.replace(part, path)
+    try:
+        torch.save(obj, part)
+        os.replace(part, path)
+    except BaseException as e:
+        failed = write_failure(e, path, probe=(part,), any_os_error=True)  # while the part still fills the disk
+        with contextlib.suppress(OSError):
+            part.unlink()
+        if failed is not None and failed is not e:
+            raise failed from e
+        if isinstance(e, RuntimeError):
+            raise RuntimeError(f"could not write {path}: {e}") from e
+        raise
 
 
 def plot_loss(metrics: list[dict], path: Path) -> None:
@@ -422,6 +463,13 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         loss, clock, stops = t.tolist()
         return loss / world, clock, stops > 0
 
+    def close_bar(step: int, seconds: float, why: str) -> None:
+        """The bar's last figures say where training stopped: they are updated only every log_every steps, and
+        off a terminal the last line used to show an earlier step and time (a run that looked stuck at 64%)."""
+        bar.n = min(seconds, cfg.max_seconds) if cfg.max_seconds > 0 else seconds
+        bar.set_postfix_str(f"stopped at step {step}, {seconds:.1f} s: {why}")
+        bar.close()
+
     def stop_here(step: int, elapsed: float, saved: bool) -> None:
         """Every rank is here at the same step (the stop flag came through the all-reduce): save, end."""
         why = stopper.requested or "a signal to another rank"
@@ -429,7 +477,7 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
             log.warning("%s: stopping at step %d after %.1f s of training; saving a snapshot", why, step, elapsed)
         if not saved:
             snapshot(step, elapsed)
-        bar.close()
+        close_bar(step, elapsed, why)
         if live is not None:
             live.close()
         if master:
@@ -495,7 +543,8 @@ def train(cfg: TrainConfig, dataset_dir: Path, out: Path, work: Path) -> dict:
         if shared(torch.zeros((), device=device), elapsed)[2]:
             stop_here(step, elapsed, saved=False)
     train_seconds = elapsed_before + (time.perf_counter() - t_start)
-    bar.close()
+    close_bar(step, train_seconds, f"step limit (max_steps={cfg.max_steps})" if stop_reason == "max_steps"
+              else f"time limit (max_seconds={cfg.max_seconds:g})")
     if live is not None:
         live.close()
     if step == 0:
