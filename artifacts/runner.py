@@ -31,7 +31,7 @@ from .store import (Artifact, ArtifactCorrupt, ArtifactStore, StoreError, comput
                     utc_now, write_failure)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CODE_PACKAGES = ("stages",)  # a stage's digest covers the modules it imports from these packages
+CODE_PACKAGES = ("stages", "gpt", "tokenizing", "shipping", "runtime")  # a stage's digest covers the modules it imports from these
 EXTERNAL_HASH_LIMIT = 512 << 20  # hash external inputs up to 512 MiB in total; larger: size + mtime
 
 log = logging.getLogger("golf")
@@ -55,30 +55,12 @@ class Stage:
     build: Callable[[Any, Mapping[str, Artifact], StageContext], dict]
     module: str                      # the module that defines it: the root of its code digest
     external: Callable[[Any], Mapping[str, Path]] | None = None  # files outside the store it reads
-
-    def __post_init__(self):
-        # `python -m stages.quantize` defines the stage in a module named __main__: its code digest must be
-        # that of stages.quantize, or a stage run by hand gets another key than the same stage in `golf run`
-        if self.module == "__main__":
-            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-            if spec is None or not spec.name:
-                raise StoreError(f"stage {self.name}: run it as `python -m stages.<module>` so its code is known")
-            object.__setattr__(self, "module", spec.name)
+    headline: tuple[str, ...] = ()   # the metrics that summarise an artifact in one line (golf run, artifacts ls)
 
 
-HEADLINES = {
-    "tokenize": ("val_tokens", "train_tokens"),
-    "train": ("final_train_loss", "steps"),
-    "average": ("heldout_loss",),
-    "quantize": ("artifact_bytes",),
-    "eval": ("val_bpb",),
-    "compliance": ("verdict",),
-}
-
-
-def headline_metric(stage: str, metrics: dict) -> str:
+def headline_metric(fields: tuple[str, ...], metrics: dict) -> str:
     parts = []
-    for name in HEADLINES.get(stage, ()):
+    for name in fields:
         if name in metrics:
             v = metrics[name]
             parts.append(f"{name}={v:.4f}" if isinstance(v, float) else f"{name}={v}")
@@ -145,7 +127,7 @@ def code_files(module: str) -> dict[str, Path]:
 
 # CPython 3.11's AST constructor is not thread-safe (stages run in task threads, and Prefect parses too): parse
 # under a lock, once per file version (_IMPORTS), and let flows that map stages over threads warm this first.
-# One lock for every parse in the project (stages.ship's minifier takes it too).
+# One lock for every parse in the project (shipping.assemble's minifier takes it too).
 AST_LOCK = threading.RLock()
 
 
@@ -221,7 +203,7 @@ class StageResult:
         """The small dict that tasks return: never tensors."""
         return {"stage": self.artifact.stage, "key": self.artifact.key, "cached": self.cached,
                 "seconds": round(self.seconds, 3), "metrics": self.artifact.metrics,
-                "path": str(self.artifact.path)}
+                "headline": self.artifact.manifest.get("headline", ""), "path": str(self.artifact.path)}
 
 
 def config_dict(cfg: Any) -> dict:
@@ -343,7 +325,8 @@ def run_stage(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact], store: Art
         log.removeHandler(handler)
         handler.close()
         manifest = {
-            **identity, "git": git_state(), "metrics": metrics, "environment": environment(),
+            **identity, "git": git_state(), "metrics": metrics, "headline": headline_metric(stage.headline, metrics),
+            "environment": environment(),
             "started_at": started, "finished_at": utc_now(), "duration_s": round(duration, 3),
             "argv": sys.argv, **ctx.manifest_extra,
         }

@@ -5,7 +5,7 @@
 
 Variants: plain (non-overlapping windows), sliding64, isolated64 (documents on their own, stride 64),
 ttt_sgd, ttt_lora, ttt_phased (stride 64; lora and phased isolate documents). Each run is the eval stage's
-own worker (``python -m stages.evaluate --worker``, under torchrun when nproc > 1) in a fresh process; its
+own worker (``python -m artifacts.worker --stage-module stages.evaluate``, under torchrun when nproc > 1) in a fresh process; its
 files (eval.json, token_nll.npy, ttt_log.jsonl) land in --out/<variant>_<n>p/. No budget is enforced
 (budget_seconds=0) so each figure is measured to the end; the table marks totals over 600 s. The
 ``--preset`` supplies the eval defaults (seq_len must be what the model was trained with); ``--set`` changes
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             cfg = apply_overrides(preset(a.preset), [f"eval.{s}" for s in sets]).eval
             out = a.out / f"{name}_{n}p"
             out.mkdir(exist_ok=True)
-            cmd = [sys.executable, "-m", "stages.evaluate", "--worker", "--out", str(out), "--config-json",
+            cmd = [sys.executable, "-m", "artifacts.worker", "--stage-module", "stages.evaluate", "--key", "bench",
+                   "--dir", str(out), "--work", str(out), "--config-json",
                    json.dumps(dataclasses.asdict(cfg))] + [f"--input={r}={arts[r].path}" for r in arts]
             if n > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] + cmd[1:]

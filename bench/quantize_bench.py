@@ -29,14 +29,15 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from artifacts.store import Artifact  # noqa: E402
-from stages.bpb import bits_per_byte  # noqa: E402
-from stages.model import GPT, ModelConfig  # noqa: E402
-from stages.qpack import COMPRESSORS, available_compressors  # noqa: E402
-from stages.quant import decode_weights  # noqa: E402
-from stages.devices import resolve_device  # noqa: E402
-from stages.quantize import QuantizeConfig, calibrate, quantize_weights  # noqa: E402
-from stages.scoring import score_stream  # noqa: E402
-from stages.tokenize import Dataset  # noqa: E402
+from gpt.bpb import bits_per_byte  # noqa: E402
+from gpt.model import GPT, ModelConfig  # noqa: E402
+from gpt.qpack import COMPRESSORS, available_compressors  # noqa: E402
+from gpt.quant import decode_weights  # noqa: E402
+from gpt.devices import resolve_device  # noqa: E402
+from gpt.quantization import QuantizeConfig, calibrate, quantize_weights  # noqa: E402
+from shipping.assemble import shipped_code  # noqa: E402
+from gpt.scoring import score_stream  # noqa: E402
+from tokenizing.dataset import Dataset  # noqa: E402
 
 # The schemes compared. int8-zlib is the official baseline's; int6-zstd22 the 03-19 record's storage
 # (int6 blocks, int8 embedding, zstd-22); "best" the best fixed scheme on the tiny model
@@ -148,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cfg = QuantizeConfig(**{**base, **over})
         if (cfg.method == "gptq" or cfg.lqer_rank > 0) and hessians is None:
-            hessians = calibrate(state, model_cfg, ds, cfg, device)
+            hessians = calibrate(state, model_cfg, ds.shard_paths("train"), cfg, device)
         t0 = time.perf_counter()
-        out = quantize_weights(state, model_cfg, ds, cfg, hessians)
+        out = quantize_weights(state, model_cfg, cfg, ds.shard_paths("train"), shipped_code(), ds.val_stream, hessians)
         wall = time.perf_counter() - t0
         t1 = time.perf_counter()
         decoded, _ = decode_weights(out.blob)  # the artifact as the evaluator sees it

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.docs import CHUNK_BYTES, open_binary  # noqa: E402
-from stages.encoding import init_worker, make_pool  # noqa: E402
+from tokenizing.docs import CHUNK_BYTES, open_binary  # noqa: E402
+from tokenizing.encoding import init_worker, make_pool  # noqa: E402
 from stages.tokenize import EMBEDDED_TOKENIZER, tokenize_documents  # noqa: E402
 
 

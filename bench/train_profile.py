@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from golf.config import apply_overrides, preset
-from stages.model import GPT, flops_per_token
-from stages.train import build_optimizers, use_fused_loss
+from gpt.model import GPT, flops_per_token
+from gpt.training import build_optimizers, use_fused_loss
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
     if a.eager_embed:  # aten's sort-based embedding backward instead of inductor's atomic scatter-add
         model.embed.forward = torch.compiler.disable(model.embed.forward)
     if use_fused_loss(cfg, mcfg, dev):  # the train stage's rule and optimizers, so the profile is its step
-        from stages.losses import fused_softcap_cross_entropy
+        from gpt.losses import fused_softcap_cross_entropy
         model.loss_fn = fused_softcap_cross_entropy
     muon, adam = build_optimizers(cfg, model, dev)
     fwd = torch.compile(model, dynamic=False)

@@ -4,7 +4,7 @@ A task is a cache hit exactly when its artifact key is complete in the store (th
 source of truth, not Prefect's database); tasks return small manifests, never tensors, and publish a
 table artifact with the stage's key, files and metrics for the Prefect UI.
 
-    python -m flows.pipeline --preset tiny            (or: golf run)
+    golf run --preset tiny
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from artifacts import ArtifactStore, run_stage  # noqa: E402
 from artifacts.store import default_root  # noqa: E402
 from golf.config import DEFAULT_PRESET, PipelineConfig, config_from_dict, preset  # noqa: E402
-from golf.pipeline import STAGE_BY_NAME, check_stage_names, stages_until  # noqa: E402
+from golf.pipeline import STAGE_BY_NAME, check_stage_names, run_sequence, stages_until  # noqa: E402
 
 
 DEFAULT_CONFIG = preset(DEFAULT_PRESET)  # what a deployment's form shows until `golf deploy --preset` sets another
@@ -57,17 +57,17 @@ def stage_task(stage_name: str, config: dict, input_keys: dict[str, str], store_
 
 def run_stages(names: list[str], configs: dict[str, object], keys: dict[str, str], store_root: str,
                force: list[str] | None = None) -> list[dict]:
-    """Run ``names`` in DAG order as stage tasks, each reading its inputs from ``keys`` (which grows as stages
-    finish), each config from ``configs`` (stage name -> config dataclass); print one line per stage."""
+    """Run ``names`` in DAG order as stage tasks (golf.pipeline.run_sequence), each reading its inputs from
+    ``keys`` (which grows as stages finish), each config from ``configs`` (stage name -> config dataclass);
+    print one line per stage."""
     forced = set(check_stage_names(force or []))
-    summaries = []
-    for name in names:
-        s = stage_task(name, dataclasses.asdict(configs[name]), {r: keys[r] for r in STAGE_BY_NAME[name].inputs},
-                       store_root, name in forced)
-        keys[name] = s["key"]
-        summaries.append(s)
-        print(f"{name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
-    return summaries
+
+    def run_one(stage, cfg, input_keys: dict[str, str]) -> tuple[str, dict]:
+        s = stage_task(stage.name, dataclasses.asdict(cfg), input_keys, store_root, stage.name in forced)
+        print(f"{stage.name:<10} {'cached' if s['cached'] else 'built ':<6} {s['key']}")
+        return s["key"], s
+
+    return run_sequence(names, configs, keys, run_one)
 
 
 @flow(name="golf-pipeline", log_prints=True)
@@ -87,9 +87,3 @@ def pipeline_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str = "",
     names = stages_until(until)
     configs = {name: getattr(config, name) for name in names}
     return run_stages(names, configs, {}, store_root, force)
-
-
-if __name__ == "__main__":
-    import sys
-    from golf.cli import main
-    sys.exit(main(["run", *sys.argv[1:]]))

@@ -24,7 +24,7 @@ from flows.pipeline import DEFAULT_CONFIG, run_stages, stage_task  # noqa: E402
 from golf.config import PipelineConfig, config_from_dict  # noqa: E402
 from golf.pipeline import STAGE_BY_NAME  # noqa: E402
 from stages.quantize import QuantizeConfig  # noqa: E402
-from stages.ship import shipped_code  # noqa: E402
+from shipping.assemble import shipped_code  # noqa: E402
 
 UPSTREAM = ("tokenize", "train", "average")
 TABLE_KEY = "golf-quantize-sweep"

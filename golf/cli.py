@@ -2,6 +2,7 @@
 
     golf run [--preset tiny] [--set stage.field=value ...] [--force STAGE ...] [--no-prefect]
     golf config [--preset NAME] [--set ...] [--json [STAGE]]   the resolved config, one line per field (or JSON)
+    golf stage NAME [--preset NAME] [--set FIELD=VALUE ...] --input ROLE=KEY ...   one stage alone, no Prefect
     golf artifacts ls | show KEY | verify KEY | path KEY
     golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
@@ -36,13 +37,12 @@ def _config(args):
 
 
 def print_summary(summaries: list[dict], wall: float) -> None:
-    from artifacts.runner import headline_metric
     print()
     print(f"{'stage':<11}{'key':<32}{'status':<8}{'seconds':>9}  metric")
     for s in summaries:
         seconds = 0.0 if s["cached"] else s["seconds"]
         print(f"{s['stage']:<11}{s['key']:<32}{'cached' if s['cached'] else 'ran':<8}{seconds:>9.1f}  "
-              f"{headline_metric(s['stage'], s['metrics'])}")
+              f"{s.get('headline', '')}")
     by = {s["stage"]: s["metrics"] for s in summaries}
     print()
     if "eval" in by:
@@ -84,6 +84,26 @@ def cmd_run(args) -> int:
     return EXIT_COMPLIANCE_FAIL if verdict == "FAIL" else 0
 
 
+def cmd_stage(args) -> int:
+    """One stage alone, without Prefect, on the preset's config for it plus --set FIELD=VALUE; inputs by key."""
+    from artifacts import run_stage
+    from .config import ConfigError, apply_overrides, preset
+    from .pipeline import STAGE_BY_NAME, check_stage_names
+    check_stage_names([args.stage])
+    stage = STAGE_BY_NAME[args.stage]
+    cfg = apply_overrides(preset(args.preset), [f"{stage.name}.{s}" for s in args.set or []])
+    store = _store(args)
+    inputs = {}
+    for item in args.input or []:
+        role, sep, key = item.partition("=")
+        if not sep or role not in stage.inputs:
+            raise ConfigError(f"--input expects ROLE=KEY with ROLE in: {', '.join(stage.inputs) or 'none'}")
+        inputs[role] = store.get(key)
+    res = run_stage(stage, getattr(cfg, stage.name), inputs, store, force=args.force)
+    print(json.dumps(res.summary(), indent=2, default=str))
+    return 0
+
+
 def cmd_sweep_quantize(args) -> int:
     """quantize + eval for several quantize variants of one config; upstream stages from the store."""
     import dataclasses as dc
@@ -118,7 +138,6 @@ def cmd_config(args) -> int:
 
 
 def cmd_artifacts(args) -> int:
-    from artifacts.runner import headline_metric
     store = _store(args)
     if args.action == "ls":
         from artifacts.store import file_problems
@@ -130,7 +149,7 @@ def cmd_artifacts(args) -> int:
         for a in arts:
             # sizes only (cheap); `golf artifacts verify KEY` re-hashes, and every stage re-hashes its inputs
             problems = file_problems(a.path, a.manifest.get("files", {}), hashed=False)
-            note = f"{problems[0]} (golf artifacts verify {a.key})" if problems else headline_metric(a.stage, a.metrics)
+            note = f"{problems[0]} (golf artifacts verify {a.key})" if problems else a.manifest.get("headline", "")
             print(f"{a.stage:<11}{a.key:<32}{a.manifest.get('finished_at', '')[:19]:<21}"
                   f"{'damaged' if problems else 'ok':<10}{a.total_bytes:>12,}  {note}")
         for name, why in broken:
@@ -247,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", metavar="STAGE", help="stop after this stage")
     r.add_argument("--no-prefect", action="store_true", help="run the stages in this process without Prefect")
     r.set_defaults(fn=cmd_run)
+    st = sub.add_parser("stage", help="run one stage alone, without Prefect (inputs by key), and print its summary")
+    st.add_argument("stage", help="tokenize, train, average, quantize, eval or compliance")
+    st.add_argument("--preset", default=DEFAULT_PRESET, help=f"the preset whose config for the stage is the base ({presets})")
+    st.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override one of the stage's fields; repeatable")
+    st.add_argument("--input", action="append", metavar="ROLE=KEY", help="an input artifact by key or unique prefix")
+    st.add_argument("--force", action="store_true", help="rebuild even if the artifact exists")
+    st.set_defaults(fn=cmd_stage)
     c = sub.add_parser("config", help="print the resolved config")
     config_args(c)
     c.add_argument("--json", nargs="?", const="", metavar="STAGE",
@@ -304,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The errors that are the user's to fix (exit 2): (module, class). They are looked up in sys.modules rather
 # than imported: golf.config and the stages import torch, which `golf --help` and `golf artifacts` do not
 # need, and an exception of a class whose module was never imported cannot have been raised.
-USER_ERRORS = (("golf.config", "ConfigError"), ("artifacts.store", "StoreError"), ("stages.docs", "DataError"),
-               ("stages.shards", "ShardError"), ("golf.submit", "SubmitError"), ("golf.deployments", "DeployError"))
+USER_ERRORS = (("artifacts.configs", "ConfigError"), ("artifacts.store", "StoreError"), ("tokenizing.docs", "DataError"),
+               ("gpt.shards", "ShardError"), ("golf.submit", "SubmitError"), ("golf.deployments", "DeployError"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -6,12 +6,14 @@ without Prefect produces the same keys and artifacts.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, TypeVar
 
 from artifacts import ArtifactStore, Stage, StageResult, run_stage
 from stages import average, compliance, evaluate, quantize, tokenize, train
 
 from .config import PipelineConfig
+
+R = TypeVar("R")
 
 # Input roles are the names of the upstream stages whose artifacts a stage reads.
 STAGES: tuple[Stage, ...] = (tokenize.STAGE, train.STAGE, average.STAGE, quantize.STAGE, evaluate.STAGE,
@@ -49,17 +51,32 @@ def preflight(cfg: PipelineConfig) -> None:
     plan_key(tokenize.STAGE, cfg.tokenize, {})
 
 
+def run_sequence(names: Iterable[str], configs: Mapping[str, object], keys: dict[str, str],
+                 run_one: Callable[[Stage, object, dict[str, str]], tuple[str, R]]) -> list[R]:
+    """The one stage-sequence runner: ``names`` in DAG order, each given the keys of its inputs from ``keys``
+    (upstream keys given by the caller, then each stage's own as it finishes). ``run_one(stage, config,
+    input_keys)`` runs one stage (in this process, or as a Prefect task) and returns (its key, a result)."""
+    out = []
+    for name in names:
+        stage = STAGE_BY_NAME[name]
+        key, result = run_one(stage, configs[name], {role: keys[role] for role in stage.inputs})
+        keys[name] = key
+        out.append(result)
+    return out
+
+
 def run_pipeline(cfg: PipelineConfig, store: ArtifactStore, force: Iterable[str] = (),
                  until: str | None = None,
                  on_result: Callable[[StageResult], None] | None = None) -> list[StageResult]:
     """Run the DAG in this process without Prefect; each stage is served from the store when it can be."""
     force = set(check_stage_names(force))
-    results: dict[str, StageResult] = {}
-    for name in stages_until(until):
-        stage = STAGE_BY_NAME[name]
-        inputs = {role: results[role].artifact for role in stage.inputs}
-        res = run_stage(stage, stage_config(cfg, stage.name), inputs, store, force=stage.name in force)
-        results[stage.name] = res
+
+    def run_one(stage: Stage, stage_cfg, input_keys: dict[str, str]) -> tuple[str, StageResult]:
+        inputs = {role: store.get(key) for role, key in input_keys.items()}
+        res = run_stage(stage, stage_cfg, inputs, store, force=stage.name in force)
         if on_result:
             on_result(res)
-    return list(results.values())
+        return res.artifact.key, res
+
+    names = stages_until(until)
+    return run_sequence(names, {n: stage_config(cfg, n) for n in names}, {}, run_one)

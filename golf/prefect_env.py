@@ -53,7 +53,7 @@ def ensure_server() -> str | None:
     Prefect would start the temporary server itself (a uvicorn subprocess) and stop it at exit, but a golf killed
     with SIGKILL stops nothing and the server ran on under PID 1. golf starts the same server (Prefect's own app,
     on a free loopback port) as its child, from the main thread, asking Linux for SIGTERM to it when golf dies
-    (stages.launch's parent-death signal, the mechanism that ties torchrun to golf); waits until it answers; and
+    (runtime.launch's parent-death signal, the mechanism that ties torchrun to golf); waits until it answers; and
     sets PREFECT_API_URL for this process. Call it from the main thread: the signal follows the thread that
     started the child."""
     global _SERVER
@@ -100,7 +100,7 @@ def _free_port() -> int:
 
 def _start_server(port: int) -> subprocess.Popen:
     import importlib.util
-    from stages.launch import die_with_parent_preexec
+    from runtime.launch import die_with_parent_preexec
     site = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent  # no prefect import yet
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(site), "--factory", "prefect.server.api.server:create_app",

@@ -201,7 +201,7 @@ def format_comparison(c: Comparison) -> str:
 
 # --- the submission folder ---------------------------------------------------------------------------------
 def _ledgers(run: Run) -> tuple[float, float]:
-    from stages.calibration import read_calibration
+    from gpt.calibration import read_calibration
     from stages.compliance import eval_ledger, train_ledger
     counted_train, _ = train_ledger(run.train, run.average, read_calibration(run.quantize))
     counted_eval, _ = eval_ledger(run.eval)

@@ -5,7 +5,7 @@ built from the same train artifact, without retraining. Every candidate (final, 
 on a held-out slice of *training* data (the tail of the last train shard), never on validation data,
 so ``method=best`` picks by data without peeking.
 
-Run it alone:  python -m stages.average --input train=KEY --input tokenize=KEY --set method=swa
+Run it alone:  golf stage average --input train=KEY --input tokenize=KEY --set method=swa
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
-import numpy as np
 import torch
 
 from artifacts import Artifact, Stage, StageContext
-from . import checks
-from .model import GPT, ModelConfig
-from .devices import resolve_device
-from .scoring import score_stream
-from .shards import load_tokens
-from .dataset import Dataset
+from gpt import checks
+from gpt.averaging import HeldoutScorer, heldout_tokens, load_averaged, load_state, swa, swa_window
+from gpt.devices import resolve_device
+from gpt.model import ModelConfig
+from tokenizing.dataset import Dataset
 
 log = logging.getLogger("golf.average")
 METHODS = ("swa", "ema", "final", "best")
@@ -49,54 +46,6 @@ class AverageConfig:
         checks.ints(self, "average", ("swa_start_step", "swa_last", "heldout_seq_len"))
 
 
-def checkpoint_step(name: str) -> int:
-    """checkpoints/step_000150.pt -> 150."""
-    try:
-        return int(Path(name).stem.rpartition("_")[2])
-    except ValueError:
-        raise ValueError(f"average: cannot read a step number from checkpoint {name!r}") from None
-
-
-def swa_window(names: list[str], cfg: AverageConfig) -> list[str]:
-    """The checkpoints SWA averages: from swa_start_step, every swa_stride-th, the last swa_last."""
-    if cfg.swa_stride < 1:
-        raise ValueError(f"average.swa_stride must be >= 1, not {cfg.swa_stride}")
-    picked = sorted((n for n in names if checkpoint_step(n) >= cfg.swa_start_step), key=checkpoint_step)
-    picked = picked[::-1][::cfg.swa_stride][::-1]  # keep the latest checkpoint whatever the stride
-    return picked[-cfg.swa_last:] if cfg.swa_last else picked
-
-
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def swa(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The element-wise mean of several state dicts, in float32."""
-    out = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in states[0].items()}
-    for s in states:
-        for k, v in s.items():
-            out[k] += v.float()
-    return {k: v / len(states) for k, v in out.items()}
-
-
-class HeldoutScorer:
-    """Mean NLL (nats/token) of state dicts of one model config on held-out training tokens, on ``device``:
-    this stage compares its candidates with it, the quantize stage its fitted schemes."""
-
-    def __init__(self, model_cfg: ModelConfig, tokens: np.ndarray, seq_len: int, device: torch.device):
-        self.model = GPT(model_cfg).to(device).eval()
-        self.tokens, self.seq_len, self.device = tokens, seq_len, device
-
-    def __call__(self, state: dict[str, torch.Tensor]) -> float:
-        self.model.load_state_dict(state)
-        return float(score_stream(self.model, self.tokens, self.seq_len, 0, 16, self.device).mean())
-
-
-def heldout_tokens(ds: Dataset, n: int) -> np.ndarray:
-    """The last n+1 tokens of the last train shard (never val; training reaches them last, if at all)."""
-    return np.asarray(load_tokens(ds.shard_paths("train")[-1])[-(n + 1):])
-
-
 def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     if cfg.method not in METHODS:
         raise ValueError(f"average.method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
@@ -107,7 +56,7 @@ def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext)
     candidates: dict[str, dict] = {"final": final}
     if "ema.pt" in train_art.manifest["files"]:
         candidates["ema"] = load_state(train_art.file("ema.pt"))
-    ckpts = swa_window(train_art.files("checkpoints/"), cfg)
+    ckpts = swa_window(train_art.files("checkpoints/"), cfg.swa_start_step, cfg.swa_stride, cfg.swa_last)
     swa_members = list(ckpts)
     if cfg.method == "swa" and not ckpts and not cfg.swa_include_final:
         raise ValueError(f"average: the SWA window (swa_start_step={cfg.swa_start_step}, swa_stride={cfg.swa_stride}, "
@@ -122,7 +71,7 @@ def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext)
         raise ValueError(f"average.method={cfg.method} but the train artifact has no {cfg.method} weights "
                          f"(set train.ema_decay > 0 for EMA, train.swa_every > 0 for SWA)")
 
-    tokens = heldout_tokens(Dataset.open(inputs["tokenize"]), cfg.heldout_tokens)
+    tokens = heldout_tokens(Dataset.open(inputs["tokenize"]).shard_paths("train"), cfg.heldout_tokens)
     trained_tokens = info["tokens"]
     total_train = inputs["tokenize"].metrics.get("train_tokens", 0)
     seen = trained_tokens > total_train - len(tokens)  # whether training may have reached this slice
@@ -145,15 +94,10 @@ def build(cfg: AverageConfig, inputs: Mapping[str, Artifact], ctx: StageContext)
             ("selection_seconds" if cfg.method == "best" else "heldout_diagnostic_seconds"): round(heldout_s, 3)}
 
 
-STAGE = Stage(name="average", config=AverageConfig, inputs=("train", "tokenize"), build=build, module=__name__)
+STAGE = Stage(name="average", config=AverageConfig, inputs=("train", "tokenize"), build=build, module=__name__,
+              headline=("heldout_loss",))
 
 
 def load_weights(artifact: Artifact) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The averaged weights and their model config, from an average artifact."""
-    report = json.loads(artifact.file("average.json").read_text())
-    return ModelConfig(**report["model_config"]), load_state(artifact.file("weights.pt"))
-
-
-if __name__ == "__main__":
-    from golf.stage_cli import stage_main
-    stage_main(STAGE)
+    return load_averaged(artifact.file("weights.pt"), artifact.file("average.json"))

@@ -19,7 +19,7 @@ A FAIL is a result, not an error: the artifact records it and ``golf run`` exits
 
 Files other stages write for these checks (absent = not applicable):
 
-  quantize/calibration.json   ``stages.calibration.CalibrationRecord``: source ("train"), shards, tokens,
+  quantize/calibration.json   ``gpt.calibration.CalibrationRecord``: source ("train"), shards, tokens,
                                seconds. FAIL if the source is not train or a listed shard is a val shard;
                                absent while quantize's config calibrates (GPTQ, LQER): unverifiable, FAIL.
                                Its seconds are counted in the training ledger.
@@ -43,7 +43,7 @@ Files other stages write for these checks (absent = not applicable):
                                ones; the boundary check then scores with ``scoring.score_stream(...,
                                doc_isolation=True)`` when that parameter exists, as eval would.
 
-Run it alone:  python -m stages.compliance --input tokenize=KEY --input train=KEY --input average=KEY
+Run it alone:  golf stage compliance --input tokenize=KEY --input train=KEY --input average=KEY
                --input quantize=KEY --input eval=KEY
 """
 
@@ -59,14 +59,14 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from artifacts import Artifact, Stage, StageContext
-from . import checks
-from .bpb import bits_per_byte, piece_tables
-from .calibration import FILE as CALIBRATION_FILE
-from .calibration import CalibrationFileError, CalibrationRecord, calibrates, read_calibration
-from .scoring import document_spans, score_stream
-from .shards import load_split
-from .dataset import Dataset
-from .devices import resolve_device
+from gpt import checks
+from gpt.bpb import bits_per_byte, piece_tables
+from gpt.calibration import FILE as CALIBRATION_FILE
+from gpt.calibration import CalibrationFileError, CalibrationRecord, calibrates, read_calibration
+from gpt.scoring import document_spans, score_stream
+from gpt.shards import load_split
+from tokenizing.dataset import Dataset
+from gpt.devices import resolve_device
 
 log = logging.getLogger("golf.compliance")
 
@@ -410,7 +410,7 @@ def write_report(checks: list[dict], out: Path, extra: dict) -> dict:
 
 def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     import sentencepiece as spm
-    from .shipped_eval import load_model
+    from gpt.shipped_eval import load_model
 
     q, tr, avg, ev, tok = (inputs[r] for r in ("quantize", "train", "average", "eval", "tokenize"))
     ds = Dataset.open(tok)
@@ -476,9 +476,5 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
 
 
 STAGE = Stage(name="compliance", config=ComplianceConfig, inputs=("tokenize", "train", "average", "quantize", "eval"),
-              build=build, module=__name__)
-
-
-if __name__ == "__main__":
-    from golf.stage_cli import stage_main
-    stage_main(STAGE)
+              build=build, module=__name__,
+              headline=("verdict",))

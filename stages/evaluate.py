@@ -1,7 +1,7 @@
 """eval: val_bpb of the artifact alone (decoded as an evaluator would), with or without test-time training.
 
 The quantized model is rebuilt from the quantize artifact's weights blob with the shipped code's own
-decoder and scored by the shipped eval loop (stages/ttt.py: sliding windows, document isolation,
+decoder and scored by the shipped eval loop (stages/gpt/ttt.py: sliding windows, document isolation,
 score-first TTT, several ranks). Bytes per token come from the tokenizer's piece table and are checked
 against the tokenize stage's byte sidecar. Diagnostics outside the timer: the pre-quantization score
 from the average stage's weights (the quantization gap) and, with TTT, the same scoring without it.
@@ -18,17 +18,15 @@ With a budget, the loop projects its finish from its pace: on_budget=fail stops 
 as the projection passes the budget, on_budget=stop stops adapting and scores the rest with the
 weights it has (the compliance stage still fails an eval that ends over 600 s).
 
-Run it alone:  python -m stages.evaluate --input quantize=KEY --input average=KEY --input tokenize=KEY
+Run it alone:  golf stage eval --input quantize=KEY --input average=KEY --input tokenize=KEY
 On 8 GPUs:     ... --set nproc=8   (the stage launches torchrun itself)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +37,18 @@ import torch
 import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
-from . import checks
-from .average import load_weights
-from .devices import resolve_device
-from .launch import die_with_launcher, run_workers
-from .progress import progress_bar
-from .bpb import bits_per_byte, piece_tables, token_bytes
-from .dataset import Dataset
-from .model import GPT
-from .shards import load_split
-from .shipped_eval import load_model
-from .ttt import EvalLoop, TTTConfig, warm_up
+from gpt import checks
+from gpt.averaging import load_averaged
+from gpt.devices import resolve_device
+from artifacts.worker import launch_stage
+from gpt.distributed import start_distributed
+from gpt.progress import progress_bar
+from gpt.bpb import bits_per_byte, piece_tables, token_bytes
+from tokenizing.dataset import Dataset
+from gpt.model import GPT
+from gpt.shards import load_split
+from gpt.shipped_eval import load_model
+from gpt.ttt import EvalLoop, TTTConfig, warm_up
 
 log = logging.getLogger("golf.eval")
 
@@ -106,14 +105,9 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
     """Evaluate in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
     import sentencepiece as spm
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg.device, "eval.device")
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    ranks = start_distributed(device)
+    world, rank = ranks.world, ranks.rank
     try:
         ds = Dataset.open(inputs["tokenize"])
         tokens = load_split(ds.shard_paths("val"))
@@ -180,7 +174,7 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
             result["ttt_gain_bpb"] = result["val_bpb"] - result["no_ttt_val_bpb"]
             result["no_ttt_eval_seconds"] = round(plain["loop_seconds"], 3)
         if cfg.pre_quant:
-            model_cfg, state = load_weights(inputs["average"])
+            model_cfg, state = load_averaged(inputs["average"].file("weights.pt"), inputs["average"].file("average.json"))
             pre = GPT(model_cfg)
             pre.load_state_dict(state)
             pre_res = score(pre.to(device), TTTConfig(), "pre-quant")
@@ -199,45 +193,18 @@ def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict
                      result["val_bpb"], result["val_loss"], result["val_tokens"], n_bytes, res["loop_seconds"], load_s)
         return result
     finally:
-        if world > 1 and dist.is_initialized():
+        if ranks.distributed and dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+        ranks.close()
 
 
 def build(cfg: EvalConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     check_config(cfg)
-    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        run_workers("stages.evaluate", cfg.nproc, ["--out", str(ctx.dir), "--config-json",
-                    json.dumps(dataclasses.asdict(cfg))] + [f"--input={r}={inputs[r].path}" for r in STAGE.inputs])
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:  # torchrun runs this build on every rank (artifacts.worker)
+        launch_stage(STAGE, cfg, inputs, ctx, cfg.nproc)
         return json.loads((ctx.dir / "eval.json").read_text())
     return evaluate(cfg, inputs, ctx.dir)
 
 
 STAGE = Stage(name="eval", config=EvalConfig, inputs=("quantize", "average", "tokenize"), build=build,
-              module=__name__)
-
-
-def _worker_main(argv: list[str]) -> None:
-    import argparse
-    from golf.config import config_from_dict
-    p = argparse.ArgumentParser()
-    p.add_argument("--worker", action="store_true")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--config-json", required=True)
-    p.add_argument("--input", action="append", default=[], help="ROLE=ARTIFACT_DIR")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    inputs = {}
-    for item in a.input:
-        role, _, path = item.partition("=")
-        inputs[role] = Artifact(Path(path), json.loads((Path(path) / "manifest.json").read_text()))
-    evaluate(config_from_dict(EvalConfig, json.loads(a.config_json)), inputs, a.out)
-
-
-if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        die_with_launcher()
-        _worker_main(sys.argv[1:])
-    else:
-        from golf.stage_cli import stage_main
-        stage_main(STAGE)
+              module=__name__, headline=("val_bpb",))

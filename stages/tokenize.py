@@ -13,7 +13,7 @@ Three modes, one artifact format:
 Files: dataset.json, fineweb_{val,train}_NNNNNN.bin, tokenizer.model, val_token_bytes.npy (UTF-8 bytes per
 val token), doc_hashes_{val,train}.npy (uint64 per document).
 
-Run it alone:  python -m stages.tokenize --set val_docs=60 --set workers=2
+Run it alone:  golf stage tokenize --set val_docs=60 --set workers=2
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ from typing import Mapping
 import numpy as np
 
 from artifacts import Artifact, Stage, StageContext
-from . import checks
-from .docs import DataError, iter_chunks, iter_documents, resolve_source
-from .encoding import encode_chunk, init_worker, ordered_map
-from .published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
+from gpt import checks
+from tokenizing.docs import DataError, iter_chunks, iter_documents, resolve_source
+from tokenizing.encoding import encode_chunk, init_worker, ordered_map
+from tokenizing.published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
     summarise_split, val_byte_counts
-from .dataset import Dataset  # noqa: F401  (re-exported for callers of the old location)
-from .progress import progress_bar
-from .shards import MAX_VOCAB, ShardWriter
-from .sptrain import check_vocab, train_sentencepiece
+from tokenizing.dataset import Dataset  # noqa: F401  (re-exported for callers of the old location)
+from gpt.progress import progress_bar
+from gpt.shards import MAX_VOCAB, ShardWriter
+from tokenizing.sptrain import check_vocab, train_sentencepiece
 
 __all__ = ["TokenizeConfig", "DataError", "Dataset", "STAGE", "iter_documents", "EMBEDDED_DOCS",
            "EMBEDDED_TOKENIZER", "tokenize_documents"]
@@ -123,8 +123,8 @@ def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_d
                        progress: bool = True, pool=None, chunk_bytes: int = 0) -> dict:
     """Encode the documents into shards, hashes and the val byte sidecar in ``out_dir``; return statistics.
 
-    ``pool``: an already started pool of :func:`stages.encoding.init_worker` processes (benchmarks);
-    ``chunk_bytes``: jsonl bytes per worker task (0: :data:`stages.docs.CHUNK_BYTES`; the output is the same
+    ``pool``: an already started pool of :func:`tokenizing.encoding.init_worker` processes (benchmarks);
+    ``chunk_bytes``: jsonl bytes per worker task (0: :data:`tokenizing.docs.CHUNK_BYTES`; the output is the same
     for any value)."""
     sp = load_tokenizer(model_path)
     writers = {s: ShardWriter(out_dir, s, tokens_per_shard) for s in ("val", "train")}
@@ -319,9 +319,5 @@ def external_inputs(cfg: TokenizeConfig) -> dict[str, Path]:
 
 
 STAGE = Stage(name="tokenize", config=TokenizeConfig, inputs=(), build=build, module=__name__,
+              headline=("val_tokens", "train_tokens"),
               external=external_inputs)
-
-
-if __name__ == "__main__":
-    from golf.stage_cli import stage_main
-    stage_main(STAGE)

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from stages.model import GPT, ModelConfig
-from stages.ttt import EvalLoop, TTTConfig
+from gpt.model import GPT, ModelConfig
+from gpt.ttt import EvalLoop, TTTConfig
 
 VOCAB, BOS, SEQ_LEN = 64, 1, 64
 _SGD = dict(chunk_tokens=300, epochs=2, batch_seqs=3, lr=0.05)

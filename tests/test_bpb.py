@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from stages.bpb import bits_per_byte, piece_tables, token_bytes
-from stages.model import GPT, ModelConfig
-from stages.scoring import score_stream, window_plan
+from gpt.bpb import bits_per_byte, piece_tables, token_bytes
+from gpt.model import GPT, ModelConfig
+from gpt.scoring import score_stream, window_plan
 from stages.tokenize import EMBEDDED_DOCS, EMBEDDED_TOKENIZER
 
 

@@ -80,13 +80,13 @@ def test_stage_runs_standalone_from_its_module(pipeline_run, tmp_path):
     from artifacts import ArtifactStore
     store = ArtifactStore(root)
     avg, tok = results["average"].artifact.key, results["tokenize"].artifact.key
-    proc = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root), "--input",
+    proc = subprocess.run([sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "quantize", "--input",
                            f"average={avg}", "--input", f"tokenize={tok}", "--set", "bits=5",
                            "--set", "keep_float_max_numel=1024"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert '"stage": "quantize"' in proc.stdout and '"cached": false' in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root), "--input",
+    bad = subprocess.run([sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "quantize", "--input",
                           "average=average-missing", "--input", f"tokenize={tok}"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no artifact" in bad.stderr
 

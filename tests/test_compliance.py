@@ -17,7 +17,7 @@ from artifacts import Artifact, run_stage
 from golf.cli import main
 from golf.stats import betainc, student_t_sf, welch_one_sided
 from stages import compliance as C
-from stages.calibration import CalibrationRecord
+from gpt.calibration import CalibrationRecord
 
 
 # --- size -------------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def test_gptq_and_lqer_quantize_pass_compliance_through_one_calibration_record(p
     FAILed with 'wrote no calibration.json')."""
     from golf.config import apply_overrides
     from golf.pipeline import run_pipeline
-    from stages.calibration import read_calibration
+    from gpt.calibration import read_calibration
     store, cfg, _ = pipeline_run
     for extra in (["quantize.method=gptq"], ["quantize.lqer_rank=2", "quantize.lqer_top=1"]):
         res = {r.artifact.stage: r.artifact for r in run_pipeline(apply_overrides(cfg, extra), store)}
@@ -159,9 +159,9 @@ def test_ttt_log_is_read_line_by_line(tmp_path):
 # --- bits per byte ----------------------------------------------------------------------------------------------
 def test_bpb_recomputed_from_decoded_text_and_a_byte_off_fails(pipeline_run):
     import sentencepiece as spm
-    from stages.bpb import bits_per_byte
-    from stages.shards import load_split
-    from stages.tokenize import Dataset
+    from gpt.bpb import bits_per_byte
+    from gpt.shards import load_split
+    from tokenizing.dataset import Dataset
     _, _, results = pipeline_run
     ev, tok = results["eval"].artifact, results["tokenize"].artifact
     ds = Dataset.open(tok)
@@ -233,10 +233,10 @@ def test_boundary_leak_planted_in_a_toy_model_fails_when_isolation_is_claimed(mo
 
 def test_boundary_leak_of_the_real_model_is_reported_and_fails_a_false_isolation_claim(pipeline_run):
     import sentencepiece as spm
-    from stages.bpb import piece_tables
-    from stages.shards import load_split
-    from stages.shipped_eval import load_model
-    from stages.tokenize import Dataset
+    from gpt.bpb import piece_tables
+    from gpt.shards import load_split
+    from gpt.shipped_eval import load_model
+    from tokenizing.dataset import Dataset
     _, cfg, results = pipeline_run
     ds = Dataset.open(results["tokenize"].artifact)
     model = load_model(results["quantize"].artifact.file("weights.bin").read_bytes())
@@ -351,7 +351,7 @@ def test_submit_refuses_runs_that_are_not_seeds_of_one_config(store):
 
 def test_submit_writes_a_records_folder_whose_train_gpt_reproduces_val_bpb(pipeline_run, tmp_path, capsys):
     from golf.submit import eval_command, resolve_run
-    from stages.tokenize import Dataset
+    from tokenizing.dataset import Dataset
     store, _, results = pipeline_run
     comp, q, ev = (results[s].artifact for s in ("compliance", "quantize", "eval"))
     out = tmp_path / "record"

@@ -68,7 +68,7 @@ def test_prefect_yaml_lists_every_flow_with_typed_parameters_and_described_field
         assert sweep._parameter_openapi_schema.properties["config"]["$ref"] == "#/definitions/PipelineConfig"
     model = built["pipeline"]._parameter_openapi_schema.definitions["ModelConfig"]["properties"]
     assert all("description" in p for name, p in model.items() if name in field_comments(
-        __import__("stages.model", fromlist=["ModelConfig"]).ModelConfig))
+        __import__("gpt.model", fromlist=["ModelConfig"]).ModelConfig))
 
 
 def test_prefect_yaml_errors_are_one_line(tmp_path):

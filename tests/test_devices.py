@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stages.devices import resolve_device
+from gpt.devices import resolve_device
 
 
 def test_auto_and_cpu_resolve_here_and_a_missing_gpu_or_a_typo_is_refused(monkeypatch):

@@ -18,8 +18,8 @@ from artifacts import run_stage
 from golf.config import apply_overrides
 from stages import compliance as C
 from stages import evaluate
-from stages.scoring import document_spans
-from stages.ttt import EvalBudgetError, TTTConfig
+from gpt.scoring import document_spans
+from gpt.ttt import EvalBudgetError, TTTConfig
 from tests.eval_worker import BOS, VARIANTS, VOCAB, run_variant, toy_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +179,7 @@ def test_stage_on_two_processes_matches_one(pipeline_run, store):
 
 def test_cuda_batch_shapes_give_the_same_scores(single):
     """The fixed, padded batch shapes used on CUDA (power-of-two lengths, full rows), run here on the CPU."""
-    from stages.ttt import EvalLoop
+    from gpt.ttt import EvalLoop
     from tests.eval_worker import SEQ_LEN, toy_model
     for name, kw in VARIANTS.items():
         loop = EvalLoop(toy_model(), toy_stream(), seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, **kw)
@@ -211,7 +211,7 @@ class _ShapeRecorder(torch.nn.Module):
 
 def _shapes_as_rank(model, tokens, ttt, rank, world, **loop_args):
     """The shapes one rank of a ``world``-rank eval uses (its share, its batch sizes; collectives skipped)."""
-    from stages.ttt import EvalLoop
+    from gpt.ttt import EvalLoop
     loop = EvalLoop(model, tokens, bos_id=1, ttt=ttt, **loop_args)
     loop.rank, loop.world, loop.shape_world = rank, world, world
     loop._starts, loop._ends, loop.t0 = [w[2] for w in loop.windows], [w[3] for w in loop.windows], 0.0
@@ -225,7 +225,7 @@ def test_the_warm_up_reaches_every_batch_shape_on_every_rank(method, monkeypatch
     reach compiles inside the timed loop. Each rank's share of a real-looking stream must use only shapes
     the warm-up compiled, whatever the rank and the world size."""
     import torch.distributed as dist
-    from stages.ttt import warm_up
+    from gpt.ttt import warm_up
     monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: None)
     L = 512
     ttt = TTTConfig(method=method, lora_docs=4, lora_chunk=48, chunk_tokens=2048, epochs=1, batch_seqs=8)

@@ -106,7 +106,7 @@ def test_presets_build_and_round_trip_through_config_from_dict(capsys):
 def test_config_from_dict_refusals_are_config_errors_naming_the_field():
     """The Prefect flows and deployments build their configs with config_from_dict."""
     from golf.config import ConfigError, PipelineConfig, config_from_dict, preset
-    from stages.train import TrainConfig
+    from gpt.training import TrainConfig
     base = dataclasses.asdict(preset("tiny"))
 
     def with_(section: str, **changes) -> dict:
@@ -177,7 +177,7 @@ def zstd_reader(request, monkeypatch):
 
 
 def test_cut_or_corrupt_zstd_files_are_data_errors_naming_them(zst_files, zstd_reader):
-    from stages.docs import DataError, iter_documents
+    from tokenizing.docs import DataError, iter_documents
     assert sum(1 for _ in iter_documents([zst_files["whole"]])) == 145
     assert sum(1 for _ in iter_documents([zst_files["two_frames"]])) == 290
     for name in ("cut", "flipped", "empty"):
@@ -195,7 +195,7 @@ def test_golf_run_stops_on_a_cut_zstd_file(zst_files, tmp_path, capsys):
 def test_cut_or_corrupt_parquet_files_are_data_errors_naming_them(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
-    from stages.docs import DataError, iter_documents
+    from tokenizing.docs import DataError, iter_documents
     texts = [json.loads(line)["text"] for line in _docs().splitlines()]
     whole = tmp_path / "whole.parquet"
     pq.write_table(pa.table({"text": texts}), whole, row_group_size=40)
@@ -246,14 +246,14 @@ def test_user_errors_keep_exit_2_without_the_heavy_modules(tmp_path):
 
 
 def test_user_error_classes_are_those_of_the_loaded_modules():
-    import stages.shards
-    import stages.docs
+    import gpt.shards
+    import tokenizing.docs
     from artifacts import StoreError
     from golf.cli import user_errors
     from golf.config import ConfigError
     from golf.deployments import DeployError
     from golf.submit import SubmitError
-    assert set(user_errors()) == {ConfigError, StoreError, stages.docs.DataError, stages.shards.ShardError,
+    assert set(user_errors()) == {ConfigError, StoreError, tokenizing.docs.DataError, gpt.shards.ShardError,
                                   SubmitError, DeployError, FileNotFoundError}
 
 
@@ -274,7 +274,9 @@ class _Lines(logging.Handler):
 def test_training_progress_ends_with_where_it_stopped(store, tmp_path, monkeypatch, sets, why):
     from artifacts import run_stage
     from golf.config import apply_overrides, preset
-    from stages import tokenize, train as train_stage
+    from gpt import training as train_stage
+    from stages import tokenize
+    from tokenizing.dataset import Dataset
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a log file, not a terminal
     tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
     cfg = apply_overrides(preset("tiny"), ["train.max_seconds=600", "train.log_every=1000", "train.swa_every=0",
@@ -286,7 +288,8 @@ def test_training_progress_ends_with_where_it_stopped(store, tmp_path, monkeypat
     log.addHandler(lines)
     log.setLevel(logging.INFO)
     try:
-        result = train_stage.train(cfg, tok.path, tmp_path / "out", tmp_path / "work")
+        ds = Dataset.open(tok)
+        result = train_stage.train(cfg, ds.shard_paths("train"), ds.vocab_size, tmp_path / "out", tmp_path / "work")
     finally:
         log.removeHandler(lines)
         log.setLevel(level)

@@ -37,8 +37,8 @@ def chatty_build(cfg, inputs, ctx):
     return {}
 
 
-CHATTY = Stage(name="toy", config=LogConfig, inputs=(), build=chatty_build, module="stages.bpb")
-CHILD = Stage(name="child", config=LogConfig, inputs=("toy",), build=chatty_build, module="stages.bpb")
+CHATTY = Stage(name="toy", config=LogConfig, inputs=(), build=chatty_build, module="gpt.bpb")
+CHILD = Stage(name="child", config=LogConfig, inputs=("toy",), build=chatty_build, module="gpt.bpb")
 
 
 def _copy_store(pipeline_run, tmp_path) -> ArtifactStore:
@@ -132,23 +132,16 @@ def test_content_digest_ignores_the_build_log(store):
 
 # --- a stage run by hand --------------------------------------------------------------------------------
 def test_a_stage_run_by_hand_gets_the_pipelines_key(pipeline_run):
+    """`golf stage quantize` (was `python -m stages.quantize`, whose code digest was of nothing) shares the key."""
     store, _, results = pipeline_run
     r = results
-    out = subprocess.run([sys.executable, "-m", "stages.quantize", "--store", str(store.root),
+    out = subprocess.run([sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "quantize",
                           "--input", f"average={r['average'].artifact.key}",
                           "--input", f"tokenize={r['tokenize'].artifact.key}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["key"] == r["quantize"].artifact.key and summary["cached"]
-
-
-def test_stage_named_main_takes_its_module_name(monkeypatch):
-    import types
-    fake = types.ModuleType("__main__")
-    fake.__spec__ = types.SimpleNamespace(name="stages.quantize")
-    monkeypatch.setitem(sys.modules, "__main__", fake)
-    assert dataclasses.replace(CHATTY, module="__main__").module == "stages.quantize"
 
 
 # --- logs of concurrent builds -------------------------------------------------------------------------

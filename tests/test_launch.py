@@ -22,7 +22,7 @@ def test_a_wait_in_a_stage_thread_ends_with_the_main_thread(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import subprocess, sys, threading, time
         sys.path.insert(0, {str(ROOT)!r})
-        from stages.launch import wait_or_stop
+        from runtime.launch import wait_or_stop
         workers = subprocess.Popen(["sleep", "120"], start_new_session=True)
         print(workers.pid, flush=True)
         threading.Thread(target=wait_or_stop, args=(workers, 5.0)).start()

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.model import GPT, ModelConfig, flops_per_token
-from stages.optim import Muon, newton_schulz
+from gpt.model import GPT, ModelConfig, flops_per_token
+from gpt.optim import Muon, newton_schulz
 
 BASE = ModelConfig(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0)
 
@@ -82,7 +82,7 @@ def test_xsa_output_is_orthogonal_to_the_value():
     captured = {}
     attn.out.register_forward_hook(lambda m, i, o: captured.setdefault("y", i[0]))
     x = torch.randn(1, 10, 32)
-    from stages.model import DocumentMask
+    from gpt.model import DocumentMask
     attn(x, DocumentMask())
     v = attn.v(x).view(1, 10, 4, 8)
     y = captured["y"].view(1, 10, 4, 8)
@@ -98,7 +98,7 @@ def test_xsa_with_grouped_heads_removes_each_heads_own_kv_direction():
     captured = {}
     attn.out.register_forward_hook(lambda m, i, o: captured.setdefault("y", i[0]))
     x = torch.randn(2, 12, 64)
-    from stages.model import DocumentMask
+    from gpt.model import DocumentMask
     attn(x, DocumentMask())
     v = attn.v(x).view(2, 12, 2, 1, 8)
     y = captured["y"].view(2, 12, 2, 4, 8)
@@ -161,7 +161,7 @@ def test_muon_variants_train_a_small_model():
 
 @pytest.mark.parametrize("softcap", [30.0, 0.0])
 def test_fused_loss_matches_the_plain_loss_and_gradients(softcap):
-    from stages.losses import fused_softcap_cross_entropy
+    from gpt.losses import fused_softcap_cross_entropy
     cfg = dataclasses.replace(BASE, logit_softcap=softcap)
     plain = randomised(cfg)
     fused = randomised(cfg)
@@ -196,7 +196,7 @@ def test_flash_varlen_path_isolates_documents_like_the_dense_mask(monkeypatch):
     """The flash-attn path (packing, cu_seqlens with row starts, GQA heads, one half dtype, output layout)
     against the dense per-document mask, both under a bf16 autocast; flash-attn itself is replaced by a
     plain-torch kernel with its calling convention."""
-    import stages.model as M
+    import gpt.model as M
     model = randomised(dataclasses.replace(ALL_FEATURES, num_heads=4, num_kv_heads=2))
     idx = tokens_with_docs()
     idx[1, 0] = 7  # a row that starts inside a document: its first tokens still see nothing before them

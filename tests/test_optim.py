@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stages.optim import Muon
+from gpt.optim import Muon
 
 SHAPES = [(48, 16), (16, 48), (32, 32), (64, 16), (8, 8)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.progress import LogProgress, progress_bar
+from gpt.progress import LogProgress, progress_bar
 
 
 def test_log_progress_writes_the_figures_at_its_interval(caplog):

@@ -12,10 +12,10 @@ import torch
 
 from artifacts import run_stage
 from stages import average, quantize
-from stages.capfit import CapFitError
-from stages.gptq import ClipSpecError, gptq, lqer, parse_clip, quantize_matrix, row_scales, rtn, sort_rows
-from stages.qpack import SectionCache, assemble, available_compressors, layout, pack_sections, shuffle
-from stages.quant import BlobError, decode_weights, dequantize_entry, dequantize_rows, unshuffle
+from gpt.capfit import CapFitError
+from gpt.gptq import ClipSpecError, gptq, lqer, parse_clip, quantize_matrix, row_scales, rtn, sort_rows
+from gpt.qpack import SectionCache, assemble, available_compressors, layout, pack_sections, shuffle
+from gpt.quant import BlobError, decode_weights, dequantize_entry, dequantize_rows, unshuffle
 
 
 def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -118,7 +118,7 @@ def test_sdclip_sets_the_step_from_the_row_std_and_larger_k_costs_fewer_bytes():
 
 
 def test_clip_search_keeps_per_row_the_least_error_of_its_grid():
-    from stages.gptq import PCT_GRID, SD_GRID
+    from gpt.gptq import PCT_GRID, SD_GRID
     w = heavy_tailed(64, 128)
 
     def row_err(spec):
@@ -156,15 +156,15 @@ def run_quantize(pipeline_run, **changes):
 
 
 def test_calibration_reads_only_train_shards(pipeline_run, monkeypatch):
-    import stages.shards
+    import gpt.shards
     opened = []
-    real = stages.shards.load_tokens
+    real = gpt.shards.load_tokens
 
     def spy(path):
         opened.append(path.name)
         return real(path)
     monkeypatch.setattr(quantize, "load_tokens", spy)
-    monkeypatch.setattr(stages.shards, "load_tokens", spy)
+    monkeypatch.setattr(gpt.shards, "load_tokens", spy)
     res = run_quantize(pipeline_run, method="gptq", bits=6, clip="sd:12.85", calib_seqs=4, lqer_rank=2)
     m = res.artifact.metrics
     assert not res.cached and opened and all("_train_" in n for n in opened), opened
@@ -231,7 +231,7 @@ def test_average_rerun_with_a_new_swa_window_reuses_the_train_artifact(pipeline_
     assert seen[0] == [ckpts[-1]]
     assert seen[1] == ckpts[1:] + ["final.pt"]
     assert average.swa_window(["checkpoints/step_000010.pt", "checkpoints/step_000020.pt",
-                               "checkpoints/step_000030.pt"], average.AverageConfig(swa_stride=2)) == \
+                               "checkpoints/step_000030.pt"], stride=2) == \
         ["checkpoints/step_000010.pt", "checkpoints/step_000030.pt"]
 
 

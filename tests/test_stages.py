@@ -10,7 +10,7 @@ import pytest
 
 from artifacts import run_stage
 from stages import tokenize
-from stages.quant import BlobError, decode_weights
+from gpt.quant import BlobError, decode_weights
 from tests.conftest import DATA
 
 
@@ -68,7 +68,7 @@ def test_wallclock_cap_stops_training(store, fast_cfg, caplog):
 def test_nan_loss_stops_with_the_step(store, fast_cfg):
     from golf.config import apply_overrides
     from golf.pipeline import run_pipeline
-    from stages.train import TrainingDiverged
+    from gpt.training import TrainingDiverged
     cfg = apply_overrides(fast_cfg, ["train.embed_lr=1e30", "train.matrix_lr=1e30", "train.scalar_lr=1e30"])
     with pytest.raises(TrainingDiverged, match=r"at step \d+"):
         run_pipeline(cfg, store, until="train")

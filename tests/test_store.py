@@ -26,8 +26,8 @@ def toy_build(cfg, inputs, ctx):
     return {"value": cfg.value}
 
 
-TOY = Stage(name="toy", config=ToyConfig, inputs=(), build=toy_build, module="stages.bpb")
-TOY_CHILD = Stage(name="child", config=ToyConfig, inputs=("toy",), build=toy_build, module="stages.bpb")
+TOY = Stage(name="toy", config=ToyConfig, inputs=(), build=toy_build, module="gpt.bpb")
+TOY_CHILD = Stage(name="child", config=ToyConfig, inputs=("toy",), build=toy_build, module="gpt.bpb")
 
 
 def test_key_changes_exactly_with_its_ingredients():
@@ -62,8 +62,8 @@ def test_upstream_change_propagates_downstream_only(store):
 def test_code_digest_follows_the_modules_a_stage_imports():
     files = code_files("stages.quantize")
     # quantize imports average (which imports model), quant, and ship (which names the shipped modules)
-    for module in ("stages.quantize", "stages.average", "stages.model", "stages.quant", "stages.ship",
-                   "stages.shipped_eval", "stages"):
+    for module in ("stages.quantize", "stages.average", "gpt.model", "gpt.quant", "shipping.assemble",
+                   "gpt.shipped_eval", "stages"):
         assert module in files
     assert "stages.train" not in files and "stages.compliance" not in files
     assert "stages.train" in code_files("stages.train")

@@ -17,11 +17,11 @@ import pytest
 import sentencepiece as spm
 
 from artifacts import run_stage
-from stages import docs as docs_mod
+from tokenizing import docs as docs_mod
 from stages import tokenize
-from stages.bpb import piece_tables, token_bytes
-from stages.shards import HEADER_BYTES, ShardError, load_split, read_header
-from stages.sptrain import check_vocab
+from gpt.bpb import piece_tables, token_bytes
+from gpt.shards import HEADER_BYTES, ShardError, load_split, read_header
+from tokenizing.sptrain import check_vocab
 from tests.conftest import DATA
 
 TC = tokenize.TokenizeConfig
@@ -194,7 +194,7 @@ def published(tmp_path_factory):
 @pytest.fixture(scope="module")
 def other_tokenizers(tmp_path_factory, texts):
     """Two tokenizers that did not make the published shards: 512 pieces, and 1100 (> every id there)."""
-    from stages.sptrain import train_sentencepiece
+    from tokenizing.sptrain import train_sentencepiece
     paths = {n: tmp_path_factory.mktemp("tok") / f"bpe{n}.model" for n in (512, 1100)}
     for n, p in paths.items():
         train_sentencepiece(texts[100:500], p, n)
@@ -464,7 +464,7 @@ def test_download_errors_name_what_is_missing(store, hub):
 
 
 def test_parallel_map_keeps_order_and_a_bounded_number_of_tasks_in_flight():
-    from stages.encoding import ordered_map
+    from tokenizing.encoding import ordered_map
     pulled = []
 
     def tasks():

@@ -30,13 +30,13 @@ def test_two_processes_follow_the_single_process_loss_curve(store, fast_cfg):
     a = {r.artifact.stage: r.artifact for r in run_pipeline(one, store, until="train")}["train"]
     b = {r.artifact.stage: r.artifact for r in run_pipeline(two, store, until="train")}["train"]
     assert a.key != b.key
-    assert b.metrics["world_size"] == 2 and "stages.launch" in b.file("launch.txt").read_text()
+    assert b.metrics["world_size"] == 2 and "runtime.launch" in b.file("launch.txt").read_text()
     assert losses(a) == pytest.approx(losses(b), rel=2e-3)
 
 
 def test_a_killed_run_resumes_from_its_last_snapshot(store):
     tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
-    cmd = [sys.executable, "-m", "stages.train", "--store", str(store.root), "--input", f"tokenize={tok.key}",
+    cmd = [sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "train", "--input", f"tokenize={tok.key}",
            "--set", "max_steps=60", "--set", "max_seconds=600", "--set", "resume_every_s=0.5",
            "--set", "swa_every=0", "--set", "batch_tokens=4096", "--set", "micro_batch_tokens=4096"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -71,7 +71,7 @@ def test_a_stop_signal_saves_a_snapshot_at_the_step_boundary(store):
     """SIGTERM (a scheduler, timeout) or Ctrl-C: the step ends, a snapshot is saved, the stage fails with a
     message saying so, and the same command resumes from that step, not from an older periodic snapshot."""
     tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
-    cmd = [sys.executable, "-m", "stages.train", "--store", str(store.root), "--input", f"tokenize={tok.key}",
+    cmd = [sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "train", "--input", f"tokenize={tok.key}",
            "--set", "max_steps=30", "--set", "max_seconds=600", "--set", "resume_every_s=0",
            "--set", "swa_every=0", "--set", "batch_tokens=4096", "--set", "micro_batch_tokens=4096"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -110,7 +110,7 @@ def test_no_worker_outlives_a_stopped_stage(store, sig):
     """torchrun starts workers in sessions of their own: a signal to golf alone used to leave them training
     on (and writing into the work directory a rerun resumes from). Now they end with the stage."""
     tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
-    cmd = [sys.executable, "-m", "stages.train", "--store", str(store.root), "--input", f"tokenize={tok.key}",
+    cmd = [sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "train", "--input", f"tokenize={tok.key}",
            "--set", "nproc=2", "--set", "max_steps=100000", "--set", "max_seconds=600", "--set", "resume_every_s=0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -140,8 +140,9 @@ def test_no_worker_outlives_a_stopped_stage(store, sig):
 def test_a_stop_during_the_last_step_is_not_forgotten(store, monkeypatch, tmp_path):
     """A signal that lands after the last step's stop check (here: while its progress is shown) used to be
     dropped when the handlers were restored; the run went on as if nothing had been asked."""
-    from stages import train as train_stage
+    from gpt import training as train_stage
     from golf.config import preset
+    from tokenizing.dataset import Dataset
 
     class SignallingBar:  # stands in for the progress bar: sends SIGTERM while step 5 is being shown
         n = 0
@@ -162,7 +163,8 @@ def test_a_stop_during_the_last_step_is_not_forgotten(store, monkeypatch, tmp_pa
     cfg = apply_overrides(preset("tiny"), ["train.max_steps=5", "train.max_seconds=600", "train.resume_every_s=0",
                                            "train.log_every=1", "train.swa_every=0"]).train
     with pytest.raises(train_stage.TrainingInterrupted, match="at step 5"):
-        train_stage.train(cfg, tok.path, tmp_path / "out", tmp_path / "work")
+        ds = Dataset.open(tok)
+        train_stage.train(cfg, ds.shard_paths("train"), ds.vocab_size, tmp_path / "out", tmp_path / "work")
     assert torch.load(tmp_path / "work" / "resume.pt", weights_only=False)["step"] == 5
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the stage's handlers are gone again
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .gptq import parse_clip, sort_rows, weight_error
-from .qpack import SectionCache, assemble, layout, pack_sections
+from .qpack import SectionCache, assemble, available_compressors, layout, pack_sections
 from .quant import dequantize_entry
 
 MAX_TABLE_ROWS = 40
@@ -25,6 +25,21 @@ MAX_TABLE_ROWS = 40
 
 class CapFitError(ValueError):
     """No candidate of the grid fits the target."""
+
+
+@dataclass(frozen=True)
+class GroupScheme:
+    """One tensor group's quantization: bit width and clip rule."""
+    bits: int
+    clip: str
+
+    def label(self) -> str:
+        return f"int{self.bits} {self.clip}"
+
+
+def pack_options(cfg) -> tuple[list[str], bool | None]:
+    methods = available_compressors() if cfg.compressor == "best" else [cfg.compressor]
+    return methods, {"off": False, "on": True, "try": None}[cfg.shuffle]
 
 
 @dataclass
@@ -56,7 +71,6 @@ def parse_list(text: str, kind, field: str) -> list:
 
 
 def fit(quantizer, cfg, code_bytes: int, meta: dict, cache: SectionCache, scorer, val) -> FitResult:
-    from .quantize import GroupScheme, pack_options
     target = cfg.cap_bytes - cfg.fit_margin_bytes
     bits = parse_list(cfg.fit_bits, int, "fit_bits")
     clips = parse_list(cfg.fit_clips, str, "fit_clips")

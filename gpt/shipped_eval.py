@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from .bpb import bits_per_byte, piece_tables, token_bytes
+from .distributed import start_distributed
 from .model import GPT, ModelConfig
 from .quant import decode_weights
 from .shards import load_split
@@ -50,12 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=600.0, help="eval seconds allowed (0 = no limit)")
     p.add_argument("--on-budget", default="fail", choices=("fail", "stop"))
     a = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    ranks = start_distributed(device)
     sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
     tokens = load_split([Path(v) for v in a.val])
     if a.max_tokens:
@@ -73,10 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"val_loss": float(nll.mean()), "val_bpb": bits_per_byte(float(nll.sum()), n_bytes),
               "val_tokens": int(nll.size), "val_bytes": n_bytes,
               "eval_seconds": round(load_s + res["loop_seconds"], 3)}
-    if int(os.environ.get("RANK", "0")) == 0:
+    if ranks.rank == 0:
         print(json.dumps(result))
-    if world > 1:
-        dist.destroy_process_group()
+    ranks.close()
     return result
 
 

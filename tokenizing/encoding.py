@@ -1,6 +1,6 @@
 """Encoding documents into challenge-format token streams, in one process or a pool, order preserved.
 
-A worker parses a :class:`~stages.docs.Chunk`, encodes its documents with SentencePiece (one thread per
+A worker parses a :class:`~tokenizing.docs.Chunk`, encodes its documents with SentencePiece (one thread per
 process, so N processes use N cores and the 1-vs-N comparison is honest) and returns flat arrays:
 [BOS] + ids per document, the documents' lengths and content hashes, and, for chunks that may hold
 validation documents, the UTF-8 byte count of every token. :func:`ordered_map` keeps a bounded number
@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from .bpb import piece_tables, token_bytes
+from gpt.bpb import piece_tables, token_bytes
 from .docs import Chunk, parse_chunk
 
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 Shipped with the artifact (the evaluator calls ``decode_weights``), so it depends on torch, numpy and
 the standard library, plus zstandard or brotli only when a section of the blob was made with them.
-The encoding side (compressors, clip search, GPTQ) lives in ``stages.qpack`` and ``stages.gptq``,
+The encoding side (compressors, clip search, GPTQ) lives in ``gpt.qpack`` and ``gpt.gptq``,
 which do not ship.
 
 Blob layout: b"GOLFQ2" | u32 header length | 8-byte sha256 prefix of everything after it |

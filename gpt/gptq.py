@@ -9,7 +9,7 @@
 - LQER adds a rank-r correction A @ B of the remaining error (activation-scaled SVD), its factors
   quantized per row too.
 
-Nothing here ships; ``stages.quant`` decodes what these produce.
+Nothing here ships; ``gpt.quant`` decodes what these produce.
 """
 
 from __future__ import annotations

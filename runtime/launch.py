@@ -9,7 +9,7 @@ output pipe open. Three links close that gap:
 * ``run_workers`` starts torchrun in a session of its own (so a terminal's Ctrl-C or ``timeout`` reaches
   only ``golf``), waits on it and, if the stage is interrupted (any exception, SIGINT, Prefect's
   termination), asks it to stop, then SIGKILLs it after ``grace_s`` (torchrun gives its workers 30 s);
-* torchrun runs through this module (``python -m stages.launch``), which asks Linux for SIGUSR2 when the
+* torchrun runs through this module (``python -m runtime.launch``), which asks Linux for SIGUSR2 when the
   ``golf`` thread that started it dies, whatever killed that one. SIGUSR2, from there or from
   ``run_workers``, becomes exactly one SIGTERM to torchrun, which passes it on to the workers (training
   then saves a snapshot at its next step boundary). One only: torchrun dies at once on a second SIGTERM
@@ -91,7 +91,7 @@ def die_with_launcher() -> None:
 
 
 def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "stages.launch", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "runtime.launch", "--standalone", f"--nproc_per_node={nproc}",
             "-m", module, "--worker", *args]
 
 
@@ -169,7 +169,7 @@ def _torchrun_stops_once() -> None:
 
 
 def _launcher_main() -> None:
-    """``python -m stages.launch TORCHRUN_ARGS``: torchrun, bound to the life of the process that started it."""
+    """``python -m runtime.launch TORCHRUN_ARGS``: torchrun, bound to the life of the process that started it."""
     stopping = []
 
     def stop_once(signum, frame):

@@ -4,7 +4,7 @@ The main process cuts the input into chunks (raw jsonl lines, or parquet row bat
 without parsing them; workers parse and validate a chunk with :func:`parse_chunk`. So a corpus of any
 size is read with bounded memory, and JSON decoding runs in parallel with the encoding.
 
-    python -c "from stages.docs import *; print(sum(1 for _ in iter_documents(resolve_source('docs.jsonl'))))"
+    python -c "from tokenizing.docs import *; print(sum(1 for _ in iter_documents(resolve_source('docs.jsonl'))))"
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .docs import DataError
-from .shards import MAX_VOCAB
+from gpt.shards import MAX_VOCAB
 
 OFFICIAL_TRAINER = dict(
     model_type="bpe", byte_fallback=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bpb import piece_tables, token_bytes
+from gpt.bpb import piece_tables, token_bytes
 from .docs import DataError
-from .shards import ShardError, load_tokens, read_header
+from gpt.shards import ShardError, load_tokens, read_header
 
 log = logging.getLogger("golf.tokenize")
 

@@ -3,7 +3,7 @@
 Arrays are laid out in sections by (tensor group, dtype): the int8 values of the MLP matrices in one
 section, their float16 scales in another, and so on. Each section is compressed on its own with its own
 compressor, so the cap-fit search can price one group's option once and add sections up exactly, and a
-group can use whichever compressor suits its bytes best. ``stages.quant.decode_weights`` reads what
+group can use whichever compressor suits its bytes best. ``gpt.quant.decode_weights`` reads what
 ``assemble`` writes.
 """
 

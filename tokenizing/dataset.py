@@ -48,8 +48,8 @@ class Dataset:
     def val_stream(self, max_tokens: int = 0):
         """(val tokens, UTF-8 bytes of the scored targets tokens[1:]) by the tokenizer's piece table."""
         import sentencepiece as spm
-        from .bpb import piece_tables, token_bytes
-        from .shards import load_split
+        from gpt.bpb import piece_tables, token_bytes
+        from gpt.shards import load_split
         tokens = load_split(self.shard_paths("val"))
         if max_tokens:
             tokens = tokens[:max_tokens]

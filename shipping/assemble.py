@@ -16,11 +16,11 @@ from pathlib import Path
 
 from artifacts.runner import AST_LOCK
 
-from . import bpb, model, quant, scoring, shards, shipped_eval, ttt  # noqa: F401  the shipped modules: in quantize's code digest
+from gpt import bpb, distributed, model, quant, scoring, shards, shipped_eval, ttt  # noqa: F401  the shipped modules: in quantize's code digest
 
-STAGES_DIR = Path(__file__).resolve().parent
+CORE_DIR = Path(__file__).resolve().parent.parent / "gpt"
 # dependency order: each module only uses names defined by those before it
-SHIPPED_MODULES = ("shards", "bpb", "quant", "model", "scoring", "ttt", "shipped_eval")
+SHIPPED_MODULES = ("shards", "bpb", "quant", "model", "scoring", "ttt", "distributed", "shipped_eval")
 _RELATIVE_IMPORT = re.compile(r"^from \.[\w.]* import \(?[\w, \n]*\)?$", re.M)
 
 
@@ -28,7 +28,7 @@ def assemble_source(modules: tuple[str, ...] = SHIPPED_MODULES) -> str:
     """One readable Python file holding the shipped modules."""
     parts = ["from __future__ import annotations\n"]
     for name in modules:
-        src = (STAGES_DIR / f"{name}.py").read_text()
+        src = (CORE_DIR / f"{name}.py").read_text()
         src = src.replace("from __future__ import annotations\n", "")
         src = _RELATIVE_IMPORT.sub("", src)
         src = src.replace('\nif __name__ == "__main__":\n    main()\n', "\n") if name != modules[-1] else src

@@ -1,0 +1,1 @@
+"""Process helpers of the pipeline that never ship: the torchrun launcher that ties workers to golf's life."""
