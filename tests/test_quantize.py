@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from artifacts import run_stage
-from stages import average, quantize
+from gpt import averaging
+from stages import average, quantize  # noqa: F401
 from gpt.capfit import CapFitError
 from gpt.gptq import ClipSpecError, gptq, lqer, parse_clip, quantize_matrix, row_scales, rtn, sort_rows
 from gpt.qpack import SectionCache, assemble, available_compressors, layout, pack_sections, shuffle
@@ -163,7 +164,8 @@ def test_calibration_reads_only_train_shards(pipeline_run, monkeypatch):
     def spy(path):
         opened.append(path.name)
         return real(path)
-    monkeypatch.setattr(quantize, "load_tokens", spy)
+    import gpt.quantization
+    monkeypatch.setattr(gpt.quantization, "load_tokens", spy)
     monkeypatch.setattr(gpt.shards, "load_tokens", spy)
     res = run_quantize(pipeline_run, method="gptq", bits=6, clip="sd:12.85", calib_seqs=4, lqer_rank=2)
     m = res.artifact.metrics
@@ -221,7 +223,7 @@ def test_average_rerun_with_a_new_swa_window_reuses_the_train_artifact(pipeline_
     ckpts = results["train"].artifact.files("checkpoints/")
     assert len(ckpts) >= 2
     last = apply_overrides(cfg, ["average.method=swa", "average.swa_last=1", "average.swa_include_final=false"])
-    window = apply_overrides(cfg, ["average.method=swa", f"average.swa_start_step={average.checkpoint_step(ckpts[0]) + 1}"])
+    window = apply_overrides(cfg, ["average.method=swa", f"average.swa_start_step={averaging.checkpoint_step(ckpts[0]) + 1}"])
     seen = []
     for c in (last, window):
         res = run_pipeline(c, store, until="average")
@@ -230,7 +232,7 @@ def test_average_rerun_with_a_new_swa_window_reuses_the_train_artifact(pipeline_
         seen.append(json.loads(res[2].artifact.file("average.json").read_text())["swa_members"])
     assert seen[0] == [ckpts[-1]]
     assert seen[1] == ckpts[1:] + ["final.pt"]
-    assert average.swa_window(["checkpoints/step_000010.pt", "checkpoints/step_000020.pt",
+    assert averaging.swa_window(["checkpoints/step_000010.pt", "checkpoints/step_000020.pt",
                                "checkpoints/step_000030.pt"], stride=2) == \
         ["checkpoints/step_000010.pt", "checkpoints/step_000030.pt"]
 
