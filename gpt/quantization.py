@@ -240,24 +240,13 @@ def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg
     readable, wrapped = code
     code_bytes = len(wrapped.encode("utf-8"))
     quantizer = Quantizer(state, cfg, H)
-    cache = SectionCache()
+    cache = SectionCache()  # sections compressed while fitting are not compressed again for the blob
     methods, shuffle = pack_options(cfg)
     fit_result = None
     t0 = time.perf_counter()
     if cfg.mode == "fit":
-        from gpt.capfit import fit
-        scorer = None
-        if cfg.heldout_tokens > 0:
-            scorer = HeldoutScorer(model_cfg, heldout_tokens(train_shards, cfg.heldout_tokens), cfg.seq_len, device)
-            # calibration reads the head of the train stream, the held-out slice its tail: they must not meet
-            total = sum(len(load_tokens(p)) for p in train_shards)
-            calib = cfg.calib_seqs * cfg.seq_len if H is not None else 0
-            if calib + cfg.heldout_tokens + 1 > total:
-                raise ValueError(f"quantize: calibration ({calib:,} tokens) and the held-out slice "
-                                 f"({cfg.heldout_tokens:,}) overlap in {total:,} train tokens; lower calib_seqs "
-                                 f"or heldout_tokens")
-        val = val_reporter(val_stream, model_cfg, cfg, device) if cfg.fit_val_bpb and val_stream else None
-        fit_result = fit(quantizer, cfg, code_bytes, meta, cache, scorer, val)
+        fit_result = run_fit(quantizer, model_cfg, cfg, train_shards, val_stream, H is not None, code_bytes, meta,
+                             cache, device)
         schemes = fit_result.chosen
         metrics.update(fit_candidates=fit_result.report["combinations"],
                        fit_target_bytes=fit_result.report["target_bytes"],
@@ -266,23 +255,62 @@ def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg
         schemes = fixed_schemes(cfg)
     entries = quantizer.entries(schemes)
     deq = quantizer.dequantized(entries)
-    groups = quantizer.groups
     t1 = time.perf_counter()
-    blob, packed = encode(entries, groups, meta, cache, methods, shuffle)
+    blob, packed = encode(entries, quantizer.groups, meta, cache, methods, shuffle)
     compress_s = time.perf_counter() - t1
+    decompress_s = check_round_trip(blob, deq)
 
-    # round trip: what an evaluator decodes must equal what we quantized, bit for bit
+    rows, sq_err, sq_ref = tensor_rows(quantizer, entries, deq)
+    size = size_json(quantizer, schemes, readable, code_bytes, len(blob), packed, rows)
+    check_cap(size, cfg)
+    metrics.update(artifact_metrics(quantizer, deq, size, packed, sq_err / sq_ref, compress_s, decompress_s))
+    return Quantized(blob, wrapped, readable, deq, size, metrics, fit_result, calibration)
+
+
+def run_fit(quantizer: Quantizer, model_cfg: ModelConfig, cfg: QuantizeConfig, train_shards: list[Path],
+            val_stream: Callable[[int], tuple[np.ndarray, int]] | None, calibrated: bool, code_bytes: int,
+            meta: dict, cache: SectionCache, device: torch.device):
+    """mode=fit: the cap fit (``capfit.fit``) scored on held-out train tokens (or the proxy without them), with
+    the val_bpb reporter when asked for."""
+    from gpt.capfit import fit
+    scorer = None
+    if cfg.heldout_tokens > 0:
+        scorer = heldout_scorer(model_cfg, cfg, train_shards, calibrated, device)
+    val = val_reporter(val_stream, model_cfg, cfg, device) if cfg.fit_val_bpb and val_stream else None
+    return fit(quantizer, cfg, code_bytes, meta, cache, scorer, val)
+
+
+def heldout_scorer(model_cfg: ModelConfig, cfg: QuantizeConfig, train_shards: list[Path], calibrated: bool,
+                   device: torch.device) -> HeldoutScorer:
+    """The fit's quality measure: the mean loss on the tail of the train stream (never val)."""
+    scorer = HeldoutScorer(model_cfg, heldout_tokens(train_shards, cfg.heldout_tokens), cfg.seq_len, device)
+    # calibration reads the head of the train stream, the held-out slice its tail: they must not meet
+    total = sum(len(load_tokens(p)) for p in train_shards)
+    calib = cfg.calib_seqs * cfg.seq_len if calibrated else 0
+    if calib + cfg.heldout_tokens + 1 > total:
+        raise ValueError(f"quantize: calibration ({calib:,} tokens) and the held-out slice "
+                         f"({cfg.heldout_tokens:,}) overlap in {total:,} train tokens; lower calib_seqs "
+                         f"or heldout_tokens")
+    return scorer
+
+
+def check_round_trip(blob: bytes, deq: dict[str, torch.Tensor]) -> float:
+    """What an evaluator decodes must equal what we quantized, bit for bit; the decode's seconds."""
     t2 = time.perf_counter()
     decoded, _ = decode_weights(blob)
     decompress_s = time.perf_counter() - t2
     for name, w in deq.items():
         if not torch.equal(decoded[name], w):
             raise RuntimeError(f"round trip failed: tensor {name} differs after decoding the blob")
+    return decompress_s
 
-    weights_bytes = len(blob)
-    total = weights_bytes + code_bytes
+
+def tensor_rows(quantizer: Quantizer, entries: dict[str, dict],
+                deq: dict[str, torch.Tensor]) -> tuple[list[dict], float, float]:
+    """size.json's row of every tensor, and the squared weight error and reference summed over all of them."""
+    cfg, groups = quantizer.cfg, quantizer.groups
     rows, sq_err, sq_ref = [], 0.0, 0.0
-    for name, w in state.items():
+    for name, w in quantizer.state.items():
         err, ref = weight_error(w, deq[name])
         sq_err, sq_ref = sq_err + err, sq_ref + ref
         t = entries[name]
@@ -290,31 +318,51 @@ def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg
         rows.append({"tensor": name, "group": groups[name], "shape": list(w.shape), "scheme": scheme,
                      "lqer": bool(t.get("lqer")), "rel_rmse": (err / ref) ** 0.5 if ref else 0.0,
                      "rel_output_error": quantizer.rel_output_error(name, t) if name in quantizer.H and "q" in t else None})
+    return rows, sq_err, sq_ref
+
+
+def size_json(quantizer: Quantizer, schemes: dict[str, GroupScheme], readable: str, code_bytes: int,
+              weights_bytes: int, packed: dict, rows: list[dict]) -> dict:
+    """size.json: the bytes that count against the cap, per section and per tensor."""
+    cfg = quantizer.cfg
+    total = weights_bytes + code_bytes
     section_rows = [{"section": f"{k[0]}:{k[1]}", "compressor": p.method, "shuffle": p.width > 1,
                      "bytes": len(p.data)} for k, p in sorted(packed.items())]
     scheme_text = {g: schemes[g].label() for g in quantizer.present}
-    size = {"weights_bytes": weights_bytes, "code_bytes": code_bytes, "artifact_bytes": total,
+    return {"weights_bytes": weights_bytes, "code_bytes": code_bytes, "artifact_bytes": total,
             "cap_bytes": cfg.cap_bytes, "margin_bytes": cfg.cap_bytes - total,
             "code_bytes_readable": len(readable.encode("utf-8")), "method": cfg.method, "schemes": scheme_text,
             "sections": section_rows, "tensors": rows}
+
+
+def check_cap(size: dict, cfg: QuantizeConfig) -> None:
+    """Log the artifact's bytes; over the cap, stop (with fail_over_cap off the compliance stage reports it)."""
+    total, weights_bytes, code_bytes = size["artifact_bytes"], size["weights_bytes"], size["code_bytes"]
     log.info("artifact %s bytes = weights %s + code %s (cap %s, margin %s); %s", f"{total:,}", f"{weights_bytes:,}",
              f"{code_bytes:,}", f"{cfg.cap_bytes:,}", f"{cfg.cap_bytes - total:,}",
-             ", ".join(f"{g} {s}" for g, s in scheme_text.items()))
+             ", ".join(f"{g} {s}" for g, s in size["schemes"].items()))
     if total > cfg.cap_bytes and cfg.fail_over_cap:
         raise OverCap(f"artifact is {total:,} bytes, {total - cfg.cap_bytes:,} over the cap of {cfg.cap_bytes:,} "
                       f"(weights {weights_bytes:,} + code {code_bytes:,}); lower the bits, use another compressor, "
                       f"or set quantize.mode=fit")
+
+
+def artifact_metrics(quantizer: Quantizer, deq: dict[str, torch.Tensor], size: dict, packed: dict,
+                     rel_sq_err: float, compress_s: float, decompress_s: float) -> dict:
+    """The stage's metrics of the artifact: its bytes against the cap, the quantization error (overall and per
+    group), the schemes and compressors, the codec's seconds."""
+    cfg, state = quantizer.cfg, quantizer.state
+    total = size["artifact_bytes"]
     group_err = {}
     for g in quantizer.present:
         e = [weight_error(state[n], deq[n]) for n in quantizer.names(g)]
         group_err[f"quant_rel_rmse_{g}"] = (sum(a for a, _ in e) / sum(b for _, b in e)) ** 0.5
-    metrics.update({"artifact_bytes": total, "weights_bytes": weights_bytes, "code_bytes": code_bytes,
-                    "cap_bytes": cfg.cap_bytes, "fits": total <= cfg.cap_bytes, "margin_bytes": cfg.cap_bytes - total,
-                    "quant_rel_rmse": (sq_err / sq_ref) ** 0.5, **group_err,
-                    "scheme": "; ".join(f"{g} {s}" for g, s in scheme_text.items()) + f"; {cfg.method}",
-                    "compressors": sorted({p.method for p in packed.values()}),
-                    "compress_seconds": round(compress_s, 3), "decompress_seconds": round(decompress_s, 3)})
-    return Quantized(blob, wrapped, readable, deq, size, metrics, fit_result, calibration)
+    return {"artifact_bytes": total, "weights_bytes": size["weights_bytes"], "code_bytes": size["code_bytes"],
+            "cap_bytes": cfg.cap_bytes, "fits": total <= cfg.cap_bytes, "margin_bytes": cfg.cap_bytes - total,
+            "quant_rel_rmse": rel_sq_err ** 0.5, **group_err,
+            "scheme": "; ".join(f"{g} {s}" for g, s in size["schemes"].items()) + f"; {cfg.method}",
+            "compressors": sorted({p.method for p in packed.values()}),
+            "compress_seconds": round(compress_s, 3), "decompress_seconds": round(decompress_s, 3)}
 
 
 def val_reporter(val_stream: Callable[[int], tuple[np.ndarray, int]], model_cfg: ModelConfig, cfg: QuantizeConfig,

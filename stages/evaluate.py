@@ -6,6 +6,8 @@ score-first TTT, several ranks). Bytes per token come from the tokenizer's piece
 against the tokenize stage's byte sidecar. Diagnostics outside the timer: the pre-quantization score
 from the average stage's weights (the quantization gap) and, with TTT, the same scoring without it.
 
+The stage reads its inputs and writes the files; the scoring itself is gpt/evaluation.py.
+
 Files: token_nll.npy (float64 per target, stream order), eval.json, and with TTT ttt_log.jsonl (the
 order of scoring and adaptation, for the compliance stage).
 
@@ -27,37 +29,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
-from gpt import checks
-from gpt.averaging import load_averaged
-from gpt.devices import resolve_device
 from artifacts.worker import launch_stage
+from gpt import checks
+from gpt.devices import resolve_device
 from gpt.distributed import start_distributed
-from gpt.progress import progress_bar
-from gpt.bpb import bits_per_byte, piece_tables, token_bytes
-from tokenizing.dataset import Dataset
-from gpt.model import GPT
+from gpt.evaluation import EvalInputs, EvalRun, evaluate_artifact
+from gpt.evaluation import TIMER_EXCLUDES, TIMER_INCLUDES, EvalError  # noqa: F401  (re-exported: the stage's error, its timer)
 from gpt.shards import load_split
-from gpt.shipped_eval import load_model
-from gpt.ttt import EvalLoop, TTTConfig, warm_up
+from gpt.ttt import TTTConfig
+from tokenizing.dataset import Dataset
 
 log = logging.getLogger("golf.eval")
-
-TIMER_INCLUDES = ["weights decode (load_seconds)", "scoring forward passes and gathering the ranks' results "
-                  "(eval_seconds)", "test-time training steps (ttt_seconds)"]
-TIMER_EXCLUDES = ["process start-up and imports", "reading the val shards and counting bytes",
-                  "warm-up on random tokens: CUDA start-up, kernel compilation (warmup_seconds)",
-                  "gathering and writing the TTT event log (ttt_log.jsonl)",
-                  "diagnostics: pre-quantization and no-TTT scores"]
 
 
 @dataclass(frozen=True)
@@ -80,10 +70,6 @@ class EvalConfig:
         check_config(self)
 
 
-class EvalError(RuntimeError):
-    pass
-
-
 class EvalConfigError(ValueError):
     pass
 
@@ -101,98 +87,44 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalConfigError(f"eval.stride must be in 0..seq_len ({cfg.seq_len}), got {cfg.stride}")
 
 
+def read_inputs(cfg: EvalConfig, inputs: Mapping[str, Artifact]) -> EvalInputs:
+    """What the eval reads of its input artifacts: the val tokens and tokenizer, the byte sidecar, the weights
+    blob and (for the pre-quantization score) the averaged weights."""
+    tok = inputs["tokenize"]
+    ds = Dataset.open(tok)
+    tokens = load_split(ds.shard_paths("val"))
+    if cfg.max_tokens:
+        tokens = tokens[:cfg.max_tokens]
+    avg = inputs["average"]
+    return EvalInputs(tokens=tokens, vocab_size=ds.vocab_size, bos_id=ds.bos_id, tokenizer_path=ds.tokenizer_path,
+                      byte_sidecar=tok.file("val_token_bytes.npy"), weights=inputs["quantize"].file("weights.bin"),
+                      averaged=(avg.file("weights.pt"), avg.file("average.json")) if cfg.pre_quant else None)
+
+
+def write_outputs(run: EvalRun, out: Path) -> None:
+    """token_nll.npy, with TTT ttt_log.jsonl, and eval.json (rank 0 only)."""
+    np.save(out / "token_nll.npy", run.nll)
+    if run.events is not None:
+        with open(out / "ttt_log.jsonl", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in run.events)
+    (out / "eval.json").write_text(json.dumps(run.result, indent=2) + "\n")
+    result = run.result
+    log.info("val_bpb %.4f (val_loss %.4f) over %d tokens / %d bytes in %.1f s (+ %.1f s decode)",
+             result["val_bpb"], result["val_loss"], result["val_tokens"], result["val_bytes"], run.loop_seconds,
+             run.load_seconds)
+
+
 def evaluate(cfg: EvalConfig, inputs: Mapping[str, Artifact], out: Path) -> dict:
     """Evaluate in this process (one rank of a torchrun job, or alone). Rank 0 writes ``out``."""
-    import sentencepiece as spm
-
     device = resolve_device(cfg.device, "eval.device")
     ranks = start_distributed(device)
-    world, rank = ranks.world, ranks.rank
     try:
-        ds = Dataset.open(inputs["tokenize"])
-        tokens = load_split(ds.shard_paths("val"))
-        if cfg.max_tokens:
-            tokens = tokens[:cfg.max_tokens]
-        if tokens.max() >= ds.vocab_size:
-            raise EvalError(f"val tokens reach id {tokens.max()} but the tokenizer has {ds.vocab_size} pieces")
-        tables = piece_tables(spm.SentencePieceProcessor(model_file=str(ds.tokenizer_path)))
-        tok_bytes = token_bytes(tokens[1:], tables, prev=tokens[:-1])
-        sidecar = np.load(inputs["tokenize"].file("val_token_bytes.npy"))[1:len(tokens)]
-        if not np.array_equal(sidecar.astype(np.int64), tok_bytes):
-            raise EvalError("byte counts from the tokenizer's piece table disagree with the tokenize stage's "
-                            "byte sidecar: the tokenizer does not match the data")
-        n_bytes = int(tok_bytes.sum())
-        loop_args = dict(seq_len=cfg.seq_len, stride=cfg.stride, batch_seqs=cfg.batch_seqs, device=device,
-                         doc_isolation=cfg.doc_isolation)
-
-        def score(model, ttt: TTTConfig, label: str, spent_s: float = 0.0, budget: bool = False) -> dict:
-            bar = progress_bar(log, f"eval {label}", total=len(tokens) - 1, unit="tok", enabled=rank == 0,
-                               unit_scale=True, mininterval=2.0)
-            res = EvalLoop(model, tokens, bos_id=ds.bos_id, ttt=ttt, budget_s=cfg.budget_seconds if budget else 0.0,
-                           on_budget=cfg.on_budget, spent_s=spent_s, progress=bar.update, **loop_args).run()
-            bar.close()
-            if not np.isfinite(res["nll"]).all():
-                raise EvalError(f"the {label} model gives non-finite losses")
-            return res
-
-        # the artifact alone: decode the shipped blob with the shipped decoder
-        blob = inputs["quantize"].file("weights.bin").read_bytes()
-        t = time.perf_counter()
-        model = load_model(blob).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        load_s = time.perf_counter() - t
-        warm_s = 0.0
-        if cfg.warmup:
-            n_warm = min(len(tokens), max(4 * cfg.seq_len, 2 * cfg.ttt.chunk_tokens if cfg.ttt.method == "sgd" else 0))
-            if rank == 0:
-                log.info("warm-up on %d random tokens (compiles the kernels; not timed)", n_warm)
-            warm_s = warm_up(model, model.cfg.vocab_size, ds.bos_id, n_warm, ttt=cfg.ttt, **loop_args)
-            if rank == 0:
-                log.info("warm-up took %.1f s", warm_s)
-        res = score(model, cfg.ttt, "quantized" + ("" if cfg.ttt.method == "none" else f" + TTT {cfg.ttt.method}"),
-                    spent_s=load_s, budget=True)
-        nll, ttt_on = res["nll"], cfg.ttt.method != "none"
-        result = {"val_loss": float(nll.mean()), "val_bpb": bits_per_byte(nll.sum(), n_bytes),
-                  "val_tokens": int(nll.size), "val_bytes": n_bytes,
-                  "eval_seconds": round(res["score_seconds"], 3), "load_seconds": round(load_s, 3)}
-        if ttt_on:
-            result["ttt_seconds"] = round(res["ttt_seconds"], 3)
-        result.update({"total_eval_seconds": round(load_s + res["loop_seconds"], 3), "warmup_seconds": round(warm_s, 3),
-                       "timer_includes": TIMER_INCLUDES, "timer_excludes": TIMER_EXCLUDES,
-                       "budget_seconds": cfg.budget_seconds, "on_budget": cfg.on_budget,
-                       "budget_stop": res["budget_stop"], "seq_len": cfg.seq_len, "stride": cfg.stride or cfg.seq_len,
-                       "doc_isolation": cfg.doc_isolation, "ttt": cfg.ttt.method if ttt_on else False,
-                       "adapt_steps": res["adapt_steps"], "world_size": world, "device": device.type,
-                       "graphs_compiled_in_timed_loop": res["graphs_compiled_in_loop"]})
-        if res["graphs_compiled_in_loop"] and rank == 0:
-            log.warning("%d graph(s) were compiled inside the timed eval loop (the most on one rank): a batch shape the "
-                        "warm-up did not reach; their compile time is in the eval seconds", res["graphs_compiled_in_loop"])
-        if ttt_on and cfg.no_ttt_diagnostic:
-            plain = score(load_model(blob).to(device), TTTConfig(), "quantized, no TTT")
-            result["no_ttt_val_bpb"] = bits_per_byte(plain["nll"].sum(), n_bytes)
-            result["ttt_gain_bpb"] = result["val_bpb"] - result["no_ttt_val_bpb"]
-            result["no_ttt_eval_seconds"] = round(plain["loop_seconds"], 3)
-        if cfg.pre_quant:
-            model_cfg, state = load_averaged(inputs["average"].file("weights.pt"), inputs["average"].file("average.json"))
-            pre = GPT(model_cfg)
-            pre.load_state_dict(state)
-            pre_res = score(pre.to(device), TTTConfig(), "pre-quant")
-            result["pre_quant_val_loss"] = float(pre_res["nll"].mean())
-            result["pre_quant_val_bpb"] = bits_per_byte(pre_res["nll"].sum(), n_bytes)
-            # against the same scoring without TTT, so the gap is quantization's alone
-            result["quant_gap_bpb"] = result.get("no_ttt_val_bpb", result["val_bpb"]) - result["pre_quant_val_bpb"]
-            result["pre_quant_eval_seconds"] = round(pre_res["loop_seconds"], 3)
-        if rank == 0:
-            np.save(out / "token_nll.npy", nll)
-            if ttt_on:
-                with open(out / "ttt_log.jsonl", "w") as f:
-                    f.writelines(json.dumps(e) + "\n" for e in res["events"])
-            (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-            log.info("val_bpb %.4f (val_loss %.4f) over %d tokens / %d bytes in %.1f s (+ %.1f s decode)",
-                     result["val_bpb"], result["val_loss"], result["val_tokens"], n_bytes, res["loop_seconds"], load_s)
-        return result
+        run = evaluate_artifact(cfg, read_inputs(cfg, inputs), device, ranks)
+        if ranks.rank == 0:
+            write_outputs(run, out)
+        return run.result
     finally:
+        # the ranks leave together: none closes the process group while another still uses it
         if ranks.distributed and dist.is_initialized():
             dist.barrier()
         ranks.close()
