@@ -5,8 +5,10 @@ Baseline features: tied embeddings, grouped-query attention with RMS-normed q/k,
 per-channel residual scales, a learned mix with the input embedding, U-Net style skip connections,
 and a tanh logit softcap.
 Record-class features, each off by default: leaky-relu(0.5)^2, 1/sqrt(layer+1) input scaling, XSA,
-a BOS-masked SmearGate, depth recurrence over a span of layers, parallel attention/MLP lanes in late
-layers, a hashed bigram embedding, and attention isolated per document.
+a BOS-masked SmearGate, a sparse per-head attention output gate, orthogonal initialisation, depth
+recurrence over a span of layers (run 2 or more times, with the U-Net skips re-paired over the looped
+sequence), gated skips, parallel attention/MLP lanes in late layers (one shared stream, or two lanes
+averaged at the end), a hashed bigram embedding, and attention isolated per document.
 
 This module is also shipped with the artifact, so it depends on torch alone.
 """
@@ -38,9 +40,26 @@ class ModelConfig:
     ln_scale: bool = False      # scale each block's normed inputs by 1/sqrt(layer + 1)
     xsa: bool = False           # remove from each head's output its component along the token's own value
     smear_gate: bool = False    # add a gated copy of the previous token's embedding (never across BOS)
-    recur_start: int = -1       # first layer of a span that is run twice when recurrence is active (-1 = none)
+    recur_start: int = -1       # first layer of a span that is run again when recurrence is active (-1 = none)
     recur_end: int = -1         # last layer of that span (inclusive); records: 3..5
-    parallel_from: int = -1     # from this layer on, attention and MLP read the same input (-1 = never)
+    recur_passes: int = 2       # how many times the span runs when recurrence is active (the 1.0611 record: 3)
+    # U-Net skips under recurrence. False: only first visits take part (encoder = layers below num_layers // 2).
+    # True (the records): the looped layer sequence itself is cut in half, every call of the first half feeds
+    # one call of the second, mirrored (11 layers, 3-5 x3: 17 calls, 8 skips)
+    recur_resplit: bool = False
+    skip_gates: bool = False    # a skip is lerp(w * skip, x, sigmoid(g)) with g zero-initialised (records), not x + w * skip
+    parallel_from: int = -1     # from this layer on, attention and MLP read in parallel (-1 = never)
+    # 1: both read the same normed stream and add to it together. 2 (the records): two lanes, attention reads
+    # lane 0 (mixed with x0), the MLP reads lane 1, each output is added to both lanes with learned weights,
+    # each lane's residual is scaled by a learned lambda (init parallel_resid_init), and the model's output
+    # is the mean of the lanes; skips feed lane 0
+    parallel_lanes: int = 1
+    parallel_resid_init: float = 1.1
+    # sparse attention output gate: each head's output times sigmoid(scale * w_h . x[:dims]), x the block's normed
+    # input, w zero-initialised (so 0.5 at first): a per-token, per-head volume knob (records: 12 dims, scale 0.5)
+    attn_gate_dims: int = 0     # 0 = off
+    attn_gate_scale: float = 1.0
+    orthogonal_init: bool = False  # Q, K, V and the MLP's input matrix start orthogonal (gain 1), as in the records
     bigram_buckets: int = 0     # hashed (previous, current) token-pair embedding table size (0 = off)
     bigram_dim: int = 128       # width of that table, projected to model_dim
     doc_isolation: bool = False  # attention never crosses a BOS token (document start)
@@ -48,10 +67,12 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, low in (("vocab_size", 0), ("num_layers", 1), ("model_dim", 1), ("num_heads", 1), ("num_kv_heads", 1),
-                          ("rope_dims", 0), ("bigram_buckets", 0), ("bigram_dim", 1), ("bos_id", 0)):
+                          ("rope_dims", 0), ("bigram_buckets", 0), ("bigram_dim", 1), ("bos_id", 0),
+                          ("recur_passes", 2), ("attn_gate_dims", 0)):
             if type(getattr(self, name)) is not int or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an integer >= {low}, not {getattr(self, name)!r}")
-        for name in ("mlp_mult", "rope_base", "qk_gain_init", "logit_softcap", "tied_embed_init_std"):
+        for name in ("mlp_mult", "rope_base", "qk_gain_init", "logit_softcap", "tied_embed_init_std",
+                     "parallel_resid_init", "attn_gate_scale"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and abs(v) < float("inf") and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {v!r}")
@@ -61,6 +82,10 @@ class ModelConfig:
             raise ValueError(f"bos_id {self.bos_id} is not a token of the vocabulary of {self.vocab_size}")
         if not -1 <= self.parallel_from < self.num_layers:
             raise ValueError(f"parallel_from {self.parallel_from} must be -1 (never) or a layer 0..{self.num_layers - 1}")
+        if self.parallel_lanes not in (1, 2):
+            raise ValueError(f"parallel_lanes must be 1 (a shared stream) or 2 (two lanes), not {self.parallel_lanes!r}")
+        if self.attn_gate_dims > self.model_dim:
+            raise ValueError(f"attn_gate_dims {self.attn_gate_dims} is more than model_dim {self.model_dim}")
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -227,6 +252,9 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.rotary = Rotary(self.d, cfg.rope_dims, cfg.rope_base)
         self.xsa = cfg.xsa
+        self.gate_dims, self.gate_scale = cfg.attn_gate_dims, cfg.attn_gate_scale
+        if self.gate_dims:  # a plain parameter, not a Linear: Adam trains it with the scalars, never Muon or LoRA
+            self.gate_w = nn.Parameter(torch.zeros(self.h, self.gate_dims))
 
     def forward(self, x: Tensor, mask: DocumentMask) -> Tensor:
         B, T, _ = x.shape
@@ -261,7 +289,10 @@ class Attention(nn.Module):
             # head and no transposed reads (the (B, H, T, D) form of this took ~10% of a record step).
             yg = y.reshape(B, T, self.kv, self.h // self.kv, self.d)
             vn = F.normalize(v_tokens, dim=-1).unsqueeze(3)
-            y = yg - (yg * vn).sum(-1, keepdim=True) * vn
+            y = (yg - (yg * vn).sum(-1, keepdim=True) * vn).reshape(B, T, self.h, self.d)
+        if self.gate_dims:
+            g = torch.sigmoid(self.gate_scale * F.linear(x[..., : self.gate_dims], self.gate_w.to(x.dtype)))
+            y = y * g.unsqueeze(-1).to(y.dtype)
         return self.out(y.reshape(B, T, self.h * self.d))
 
 
@@ -290,6 +321,11 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)]))
         self.in_scale = (layer + 1) ** -0.5 if cfg.ln_scale else 1.0
         self.parallel = 0 <= cfg.parallel_from <= layer
+        self.two_lanes = self.parallel and cfg.parallel_lanes == 2
+        if self.two_lanes:
+            # lane_resid[k] scales lane k's residual; lane_post[j, k] weighs output j (0 attention, 1 MLP) into lane k
+            self.lane_resid = nn.Parameter(torch.full((2,), float(cfg.parallel_resid_init)))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
     def forward(self, x: Tensor, x0: Tensor, mask: DocumentMask) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
@@ -300,6 +336,15 @@ class Block(nn.Module):
             return x + a + self.mlp_scale.to(x.dtype) * self.mlp(h)
         x = x + a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.in_scale)
+
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, mask: DocumentMask) -> tuple[Tensor, Tensor]:
+        """The two-lane parallel block: attention reads lane 0 mixed with x0, the MLP reads lane 1 as it is."""
+        mix = self.resid_mix.to(lane0.dtype)
+        a = self.attn_scale.to(lane0.dtype) * self.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * self.in_scale, mask)
+        m = self.mlp_scale.to(lane1.dtype) * self.mlp(rms_norm(lane1) * self.in_scale)
+        r, post = self.lane_resid.to(lane0.dtype), self.lane_post.to(lane0.dtype)
+        return (r[0] * lane0 + post[0, 0] * a + post[1, 0] * m,
+                r[1] * lane1 + post[0, 1] * a + post[1, 1] * m)
 
 
 class SmearGate(nn.Module):
@@ -350,22 +395,61 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.embed.weight, std=cfg.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        if cfg.orthogonal_init:
+            for block in self.blocks:
+                for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
+                    nn.init.orthogonal_(linear.weight, gain=1.0)
         self.n_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
         n_skips = min(self.n_encoder, cfg.num_layers - self.n_encoder)
+        if cfg.unet_skips and cfg.recur_resplit and cfg.has_recurrence:  # the looped sequence's halves
+            n_calls = len(self.looped_layers(cfg, True))
+            n_skips = min(n_calls // 2, n_calls - n_calls // 2)
         self.skip_weights = nn.Parameter(torch.ones(n_skips, cfg.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(n_skips, cfg.model_dim)) if cfg.skip_gates else None
         self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id) \
             if cfg.bigram_buckets else None
         # whether the recurrence span runs twice; training switches it on part-way, inference keeps it on
         self.recurrence_active = cfg.has_recurrence
 
+    @staticmethod
+    def looped_layers(cfg: ModelConfig, active: bool) -> list[int]:
+        """The layers in execution order: the recurring span runs recur_passes times in a row when active."""
+        if not (active and cfg.has_recurrence):
+            return list(range(cfg.num_layers))
+        span = list(range(cfg.recur_start, cfg.recur_end + 1))
+        return list(range(cfg.recur_start)) + span * cfg.recur_passes + list(range(cfg.recur_end + 1, cfg.num_layers))
+
     def layer_order(self) -> list[tuple[int, bool]]:
-        """(layer, first visit) in execution order; a recurring span is replayed right after itself."""
-        order = [(i, True) for i in range(self.cfg.num_layers)]
-        if self.recurrence_active and self.cfg.has_recurrence:
-            s, e = self.cfg.recur_start, self.cfg.recur_end
-            order = order[: e + 1] + [(i, False) for i in range(s, e + 1)] + order[e + 1:]
+        """(layer, first visit) in execution order."""
+        seen, order = set(), []
+        for i in self.looped_layers(self.cfg, self.recurrence_active):
+            order.append((i, i not in seen))
+            seen.add(i)
         return order
+
+    def layer_plan(self) -> list[tuple[int, bool, int]]:
+        """(layer, pushes its output as a skip, index of the skip it takes first or -1), in execution order.
+
+        Skips pair LIFO: the last output pushed feeds the first decoder call that takes one."""
+        if not self.cfg.unet_skips:
+            return [(i, False, -1) for i in self.looped_layers(self.cfg, self.recurrence_active)]
+        if self.cfg.recur_resplit:  # halves of the (looped) sequence; without recurrence the same as below
+            calls = self.looped_layers(self.cfg, self.recurrence_active)
+            half = len(calls) // 2
+            return [(i, k < half, k - half if half <= k < half + len(self.skip_weights) else -1)
+                    for k, i in enumerate(calls)]
+        plan = []
+        for i, first in self.layer_order():
+            j = i - self.n_encoder
+            plan.append((i, first and i < self.n_encoder, j if first and 0 <= j < len(self.skip_weights) else -1))
+        return plan
+
+    def add_skip(self, x: Tensor, j: int, skip: Tensor) -> Tensor:
+        w = self.skip_weights[j].to(x.dtype)
+        if self.skip_gates is None:
+            return x + w * skip
+        return torch.lerp(w * skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
 
     def hidden(self, idx: Tensor) -> Tensor:
         x = self.embed(idx)
@@ -380,15 +464,23 @@ class GPT(nn.Module):
         x0 = x
         # only an isolating mask needs building (outside the compiled graph); plain causal needs nothing
         mask = document_mask(idx, self.cfg.bos_id, True) if self.cfg.doc_isolation else PLAIN_CAUSAL
-        skips = []
-        for i, first in self.layer_order():
-            if first and i >= self.n_encoder:  # decoder layer: take the mirrored encoder output
-                j = i - self.n_encoder
-                if j < len(self.skip_weights) and skips:
-                    x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0, mask)
-            if first and i < self.n_encoder:
+        skips, lane1 = [], None  # lane1: the MLP lane once two-lane parallel layers begin (x is lane 0)
+        for i, push, j in self.layer_plan():
+            block = self.blocks[i]
+            if block.two_lanes and lane1 is None:  # the lanes split before the first one's skip (lane 0's alone)
+                lane1 = x
+            if j >= 0 and skips:  # a decoder call: take the mirrored encoder output
+                x = self.add_skip(x, j, skips.pop())
+            if block.two_lanes:
+                x, lane1 = block.forward_lanes(x, lane1, x0, mask)
+            else:
+                if lane1 is not None:  # a one-stream layer after two-lane ones: they merge first
+                    x, lane1 = 0.5 * (x + lane1), None
+                x = block(x, x0, mask)
+            if push:
                 skips.append(x)
+        if lane1 is not None:
+            x = 0.5 * (x + lane1)
         return rms_norm(x)
 
     def project(self, h: Tensor) -> Tensor:
@@ -429,7 +521,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, recurrence: bool = False) ->
     """Training FLOPs per token: 6 x matrix parameters + attention scores (forward + backward)."""
     d = cfg.model_dim
     kv_dim = d // cfg.num_heads * cfg.num_kv_heads
-    layers = cfg.num_layers + ((cfg.recur_end - cfg.recur_start + 1) if recurrence and cfg.has_recurrence else 0)
+    layers = len(GPT.looped_layers(cfg, recurrence))
     per_layer = d * d * 2 + d * kv_dim * 2 + 2 * d * int(cfg.mlp_mult * d)
     matrix = layers * per_layer + cfg.vocab_size * d
     attn = layers * 2 * seq_len * d  # causal: half of the 4*T*d of QK^T and AV

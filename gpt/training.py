@@ -33,7 +33,7 @@ from .devices import resolve_device
 from .diskio import TORCH_WRITE_FAILED, disk_refusal
 from .distributed import Ranks, start_distributed
 from .losses import fused_softcap_cross_entropy
-from .model import GPT, ModelConfig, flops_per_token, varlen_attention_for
+from .model import GPT, Linear, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
 from .progress import progress_bar
 from .shards import load_tokens
@@ -52,7 +52,10 @@ class TrainConfig:
     micro_batch_tokens: int = 65_536  # tokens per process per forward pass; sets gradient accumulation
     matrix_lr: float = 0.04        # Muon, for the 2-D weights of the blocks
     embed_lr: float = 0.05         # Adam, tied embedding
-    scalar_lr: float = 0.04        # Adam, gains, scales, mixes, skip weights
+    scalar_lr: float = 0.04        # Adam, gains, scales, mixes, skip weights and gates, lane lambdas, attention gates
+    adam_beta2: float = 0.95       # Adam's second-moment decay for the embedding and scalars (records: 0.99)
+    embed_weight_decay: float = 0.0   # decoupled (AdamW) weight decay of the tied embedding (records: 0.085)
+    scalar_weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the scalars (records: 0.02)
     muon_momentum: float = 0.95
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
@@ -67,6 +70,11 @@ class TrainConfig:
     ema_decay: float = 0.0         # EMA of the weights (0 = off; records: 0.9965)
     swa_every: int = 50            # save a checkpoint every N steps during warmdown (0 = none)
     compile_warmup_steps: int = 20  # steps run before the clock starts to compile and warm up, then undone
+    # how batches are cut from the shards. stream (the official baseline's): one contiguous span per step, the next
+    # starting at its last target, running on across shards. shard_spans (the records'): every micro-batch its own
+    # span from the shard's first BOS on, a span that does not fit skips the shard's tail, after the last shard
+    # shard 0 again, so every pass over the data cuts the same rows
+    loader: str = "stream"
     nproc: int = 1                 # processes (GPUs); >1 launches torchrun
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto (on for cuda) | on | off
@@ -76,13 +84,15 @@ class TrainConfig:
 
     def __post_init__(self):
         checks.choices(self, "train", {"muon_schedule": ("ns5", "polar_express"), "device": ("auto", "cpu", "cuda"),
+                                       "loader": ("stream", "shard_spans"),
                                        "compile": ("auto", "on", "off"), "fused_loss": ("auto", "on", "off")})
         checks.ints(self, "train", ("seq_len", "batch_tokens", "micro_batch_tokens", "nproc", "log_every"), 1)
         checks.ints(self, "train", ("seed",), -2**63)
         checks.ints(self, "train", ("max_steps", "muon_momentum_warmup_steps", "warmup_steps", "swa_every",
                                     "compile_warmup_steps"))
         checks.reals(self, "train", ("max_seconds", "matrix_lr", "embed_lr", "scalar_lr", "muon_weight_decay",
-                                     "grad_clip", "resume_every_s"))
+                                     "grad_clip", "resume_every_s", "embed_weight_decay", "scalar_weight_decay"))
+        checks.reals(self, "train", ("adam_beta2",), 0.0, 1.0, hi_open=True)
         checks.reals(self, "train", ("recur_from_frac", "warmdown_frac", "min_lr_frac"), 0.0, 1.0)
         checks.reals(self, "train", ("muon_momentum", "muon_momentum_warmup_start", "ema_decay"), 0.0, 1.0, hi_open=True)
         checks.need(self.max_seconds > 0 or self.max_steps > 0,
@@ -187,14 +197,53 @@ class TokenStream:
         return buf[:-1].view(-1, seq_len), buf[1:].view(-1, seq_len)
 
 
+class ShardSpans(TokenStream):
+    """The records' loader: each micro-batch is one span of micro_tokens + 1 per process (processes side by side),
+    cut from the current shard from its first BOS on; a span that would run past the shard's end moves to the next
+    shard (after the last, the first), so each pass over the data repeats the same rows."""
+
+    def __init__(self, paths: list[Path], rank: int, world: int, micro_tokens: int, bos_id: int):
+        self.micro_tokens, self.bos_id = micro_tokens, bos_id
+        super().__init__(paths, rank, world)
+        self.pos = self.first_bos()
+
+    def first_bos(self) -> int:
+        hits = np.flatnonzero(np.asarray(self.tokens[: 1 << 20]) == self.bos_id)
+        return int(hits[0]) if len(hits) else 0
+
+    def next_span(self) -> np.ndarray:
+        span = self.micro_tokens + 1
+        for _ in range(len(self.paths) + 1):
+            if self.pos + span * self.world <= len(self.tokens):
+                break
+            self.shard = (self.shard + 1) % len(self.paths)
+            self.tokens = load_tokens(self.paths[self.shard])
+            self.pos = self.first_bos()
+        else:
+            raise ValueError(f"no train shard holds {span * self.world:,} tokens: one micro-batch span per process")
+        start = self.pos + self.rank * span
+        self.pos += span * self.world
+        return np.asarray(self.tokens[start:start + span])
+
+    def next_batch(self, local_tokens: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        spans = [self.next_span() for _ in range(local_tokens // self.micro_tokens)]
+        buf = torch.from_numpy(np.stack(spans).astype(np.int32))
+        if device.type == "cuda":
+            buf = buf.pin_memory().to(device, non_blocking=True)
+        buf = buf.long()  # (micro-batches, micro_tokens + 1): each one's last target is never an input
+        return buf[:, :-1].reshape(-1, seq_len), buf[:, 1:].reshape(-1, seq_len)
+
+
 # --- helpers ---------------------------------------------------------------------------------------
 def split_params(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
-    """matrix -> Muon; embed and scalar -> Adam."""
+    """matrix (the weights of the blocks' linear layers: Q, K, V, out, MLP in and out) -> Muon; embed and
+    scalar (everything else: gains, scales, mixes, gates, lane lambdas, whatever their shape) -> Adam."""
+    matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, Linear)}
     groups = {"matrix": [], "embed": [], "scalar": []}
     for name, p in model.named_parameters():
         if name == "embed.weight":
             groups["embed"].append(p)
-        elif name.startswith("blocks.") and p.ndim == 2 and "resid_mix" not in name:
+        elif id(p) in matrices:
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
@@ -211,9 +260,11 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device, shard: 
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, schedule=cfg.muon_schedule,
                 row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_weight_decay, shard=shard)
-    adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr},
-                             {"params": groups["scalar"], "lr": cfg.scalar_lr}],
-                            betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    # decoupled decay (AdamW's p *= 1 - lr * wd, with the scheduled lr); 0 is plain Adam
+    adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr, "weight_decay": cfg.embed_weight_decay},
+                             {"params": groups["scalar"], "lr": cfg.scalar_lr, "weight_decay": cfg.scalar_weight_decay}],
+                            betas=(0.9, cfg.adam_beta2), eps=1e-8, decoupled_weight_decay=True,
+                            fused=device.type == "cuda")
     return [muon, adam]
 
 
@@ -331,7 +382,8 @@ class Trainer:
             raise ValueError(f"micro_batch_tokens={self.micro} must divide the per-process batch "
                              f"{self.local_tokens} and be a multiple of seq_len={cfg.seq_len}")
         self.grad_accum = self.local_tokens // self.micro
-        self.stream = TokenStream(train_shards, self.ranks.rank, world)
+        self.stream = (ShardSpans(train_shards, self.ranks.rank, world, self.micro, self.mcfg.bos_id)
+                       if cfg.loader == "shard_spans" else TokenStream(train_shards, self.ranks.rank, world))
         self.step_no, self.metrics, self.resumed_from = 0, [], None
         self.clock, self.last_snapshot, self.warmup_seconds = Clock(), 0.0, 0.0
         self.ckpt_dir, self.resume_path = work / "checkpoints", work / "resume.pt"

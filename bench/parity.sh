@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 16's proof: a reference script and golf's preset trained side by side, same GPU, data and step count.
+#
+#   here, once:  bash bench/parity_carry.sh     (.ref/: the reference scripts, the FineWeb sample, bench_corpus
+#                                                part 0; .whl/: zstandard + brotli wheels for the device's Python)
+#   device:      carry .ref and .whl, then one of (each fits one 600 s command):
+#                WHICH=record SIDE=reference STEPS=200 SEED=42 bash bench/parity.sh
+#                WHICH=record SIDE=golf      STEPS=200 SEED=42 bash bench/parity.sh
+#                WHICH=record SIDE=golf      STEPS=100 ISOLATE=1 bash bench/parity.sh   (throughput, documents isolated)
+#   here, after: python bench/parity_compare.py --which record <the fetched parity folders> --out bench/results/parity
+#
+# Reference side: ../shared/reference/scripts/run_reference.sh (its settings; PREQUANT_ONLY=1 ends the record
+# script after its raw and post-EMA scores, before GPTQ). Golf side: `golf run --no-prefect --preset WHICH` with a
+# step-based schedule, the final weights (no averaging), round-to-nearest quantization (only its pre-quantization
+# score is compared) and non-overlapping 2048-token (baseline: 1024) windows without document isolation, as the
+# reference scores. FlashAttention 3 is not on the image, so the reference runs dense causal SDPA over whole rows:
+# golf's loss run does the same (train.model.doc_isolation=false); ISOLATE=1 runs golf as a user would
+# (documents isolated) for the throughput comparison. Logs land in $OUT/parity/.
+set -u
+WHICH=${WHICH:-record}; SIDE=${SIDE:-golf}; STEPS=${STEPS:-200}; SEED=${SEED:-42}; ISOLATE=${ISOLATE:-0}
+export OUT=${OUT:-/tmp/out}; P=$OUT/parity; mkdir -p "$P"
+export CORPUS=.ref PARTS=0
+source bench/gpu_setup.sh
+nvidia-smi -L > "$P/gpu.txt" 2>&1; python3 -c "import torch; print('torch', torch.__version__)" >> "$P/gpu.txt"
+if [ "$SIDE" = reference ]; then
+  # PREQUANT_ONLY=1 ends the record script after its post-EMA score, but its process then lingers until
+  # run_reference.sh's timeout: stop it once that line is written (the baseline exits by itself)
+  PREQUANT_ONLY=1 bash .ref/scripts/run_reference.sh "$WHICH" "$STEPS" "$SEED" > "$P/reference_run.txt" 2>&1 &
+  ref=$!
+  while kill -0 $ref 2>/dev/null; do
+    if grep -q "post-ema" "$OUT/reference_$WHICH.log" 2>/dev/null; then
+      sleep 2; pkill -f "reference/scripts|\.ref/scripts" ; pkill -f torchrun; break
+    fi
+    sleep 5
+  done
+  wait $ref
+  mv "$OUT/reference_$WHICH.log" "$P/reference_${WHICH}_seed$SEED.log"
+  tail -5 "$P/reference_${WHICH}_seed$SEED.log"
+  exit 0
+fi
+seq=2048; extra=()
+if [ "$WHICH" = baseline ]; then seq=1024; extra=(--set train.warmdown_frac=0.25); fi
+iso=false; tag=golf_${WHICH}_seed$SEED; [ "$ISOLATE" = 1 ] && iso=true && tag=${tag}_isolated
+python3 -m golf.cli run --no-prefect --preset "$WHICH" --until eval \
+  --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers="$(nproc)" \
+  --set train.max_steps="$STEPS" --set train.max_seconds=100000 --set train.seed="$SEED" \
+  --set train.model.doc_isolation=$iso --set average.method=final --set quantize.method=rtn \
+  --set quantize.fail_over_cap=false --set eval.seq_len=$seq --set eval.stride=0 --set eval.doc_isolation=false \
+  --set eval.ttt.method=none --set eval.no_ttt_diagnostic=false "${extra[@]}" ${EXTRA:-} > "$P/$tag.txt" 2>&1
+echo "golf exit $?" | tee -a "$P/$tag.txt"
+mkdir -p "$P/$tag"
+for s in train eval; do
+  d=$(ls -td "$GOLF_STORE"/objects/$s-* 2>/dev/null | head -1); [ -n "$d" ] || continue
+  cp "$d"/*.json "$d"/metrics.jsonl "$P/$tag/" 2>/dev/null
+done
+grep -v "it/s\]" "$P/$tag.txt" | tail -12

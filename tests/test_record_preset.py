@@ -1,0 +1,186 @@
+"""The record preset keeps every feature of the 1.0611 record it reproduces (issue 16), and each feature does
+what the record's does: a numerical check per piece, causality and document isolation of the whole model.
+
+If one of these fails, golf's record preset has silently drifted from the parity measured in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from golf.config import preset
+from gpt.model import GPT, PLAIN_CAUSAL, ModelConfig, rms_norm
+from gpt.training import build_optimizers, split_params
+
+RECORD = preset("record")
+
+
+def small_record(**over) -> ModelConfig:
+    """The record's model at a width the CPU runs in milliseconds: every feature and the layer count kept."""
+    fields = dict(vocab_size=96, model_dim=64, num_heads=4, num_kv_heads=2, doc_isolation=False, bos_id=1)
+    fields.update(over)
+    return dataclasses.replace(RECORD.train.model, **fields)
+
+
+def test_the_preset_says_what_the_record_runs():
+    m, t, q, e = RECORD.train.model, RECORD.train, RECORD.quantize, RECORD.eval
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult) == (11, 512, 8, 4, 4.0)
+    assert (m.attn_gate_dims, m.attn_gate_scale, m.orthogonal_init, m.skip_gates) == (12, 0.5, True, True)
+    assert (m.recur_start, m.recur_end, m.recur_passes, m.recur_resplit) == (3, 5, 3, True)
+    assert (m.parallel_from, m.parallel_lanes, m.parallel_resid_init) == (8, 2, 1.1)
+    assert (m.rope_dims, m.qk_gain_init, m.xsa, m.ln_scale, m.smear_gate) == (16, 5.0, True, True, True)
+    assert (t.grad_clip, t.embed_lr, t.scalar_lr, t.matrix_lr, t.adam_beta2) == (0.3, 0.03, 0.02, 0.026, 0.99)
+    assert (t.embed_weight_decay, t.scalar_weight_decay, t.muon_weight_decay) == (0.085, 0.02, 0.095)
+    assert (t.muon_momentum, t.muon_momentum_warmup_start, t.muon_momentum_warmup_steps) == (0.97, 0.92, 1500)
+    assert (t.warmdown_frac, t.min_lr_frac, t.ema_decay, t.recur_from_frac, t.warmup_steps) == (0.85, 0.1, 0.9965, 0.35, 0)
+    assert (q.bits, q.embed_bits, q.attn_clip, q.mlp_clip, q.embed_clip, q.lqer_rank) == (6, 7, "sd:13", "sd:11.5", "sd:14", 4)
+    assert (e.seq_len, e.stride, e.doc_isolation, e.ttt.method) == (2048, 0, True, "phased")
+    assert (e.ttt.lora_rank, e.ttt.lora_alpha, e.ttt.lora_lr, e.ttt.lora_wd, e.ttt.phase_docs) == (80, 144.0, 1e-4, 0.5, 2500)
+
+
+def test_the_baseline_preset_has_none_of_the_record_features():
+    m = preset("baseline").train.model
+    assert not (m.attn_gate_dims or m.orthogonal_init or m.skip_gates or m.recur_resplit or m.has_recurrence)
+    assert m.parallel_from == -1 and m.parallel_lanes == 1
+    names = {n for n, _ in GPT(dataclasses.replace(m, vocab_size=64, num_layers=4, model_dim=32)).named_parameters()}
+    assert not any("gate" in n or "lane" in n for n in names)
+
+
+def test_looped_order_and_skip_pairing_are_the_records():
+    model = GPT(small_record())
+    model.recurrence_active = True
+    plan = model.layer_plan()
+    # 3 + 3 x 3 + 5 = 17 calls; the first 8 push, the next 8 take skips 0..7 (LIFO), the last takes none
+    assert [i for i, _, _ in plan] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert [p for _, p, _ in plan] == [True] * 8 + [False] * 9
+    assert [j for _, _, j in plan] == [-1] * 8 + list(range(8)) + [-1]
+    assert model.skip_weights.shape == (8, 64) and model.skip_gates.shape == (8, 64)
+    model.recurrence_active = False  # before 35% of training: the plain halves, 5 skips
+    assert [(i, p, j) for i, p, j in model.layer_plan()] == \
+        [(i, True, -1) for i in range(5)] + [(5 + k, False, k) for k in range(6)]
+    assert [b.two_lanes for b in model.blocks] == [False] * 8 + [True] * 3
+
+
+def test_orthogonal_init_and_zero_outputs():
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(RECORD.train.model, vocab_size=8192))
+    eye = lambda n: torch.eye(n)  # noqa: E731
+    for block in model.blocks[:2]:
+        for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight):  # rows orthonormal
+            assert torch.allclose(w @ w.T, eye(w.shape[0]), atol=1e-4)
+        fc = block.mlp.fc.weight  # 2048 x 512: columns orthonormal
+        assert torch.allclose(fc.T @ fc, eye(fc.shape[1]), atol=1e-4)
+        assert block.attn.out.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
+        assert block.attn.gate_w.abs().max() == 0
+    assert abs(model.embed.weight.std().item() - 0.005) < 2e-4
+    assert torch.allclose(model.blocks[9].lane_resid, torch.full((2,), 1.1))
+
+
+def test_attention_gate_is_a_per_head_sigmoid_of_the_first_dims():
+    torch.manual_seed(1)
+    cfg = small_record()
+    gated = GPT(cfg).blocks[0].attn
+    plain = GPT(dataclasses.replace(cfg, attn_gate_dims=0)).blocks[0].attn
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_w"})
+    w_out = torch.randn_like(gated.out.weight)  # a non-zero output projection, so the outputs can be compared
+    gated.out.weight.data.copy_(w_out)
+    plain.out.weight.data.copy_(w_out)
+    x = rms_norm(torch.randn(2, 7, 64))
+    # zero-initialised: every head at sigmoid(0) = 0.5, so the output is exactly half the ungated one
+    assert torch.allclose(gated(x, PLAIN_CAUSAL), 0.5 * plain(x, PLAIN_CAUSAL), atol=1e-6)
+    # a trained gate: head h scaled by sigmoid(0.5 * w_h . x[:12]) before the output projection
+    gated.gate_w.data.normal_()
+    g = torch.sigmoid(0.5 * x[..., :12] @ gated.gate_w.T)  # (B, T, H)
+    seen = {}
+    plain.out.register_forward_hook(lambda m, i, o: seen.setdefault("y", i[0]))
+    plain(x, PLAIN_CAUSAL)
+    y = seen["y"].view(2, 7, 4, 16) * g.unsqueeze(-1)
+    assert torch.allclose(gated(x, PLAIN_CAUSAL), y.reshape(2, 7, 64) @ w_out.T, atol=1e-5)
+
+
+def test_two_lanes_and_gated_skips_follow_the_records_formulas():
+    torch.manual_seed(2)
+    model = GPT(small_record())
+    block = model.blocks[9]
+    for p in (block.attn.out.weight, block.mlp.proj.weight):
+        p.data.normal_(std=0.1)
+    block.lane_resid.data = torch.tensor([1.1, 0.9])
+    block.lane_post.data = torch.tensor([[1.0, 0.5], [0.25, 2.0]])
+    lane0, lane1, x0 = torch.randn(3, 2, 5, 64).unbind(0)
+    out0, out1 = block.forward_lanes(lane0, lane1, x0, PLAIN_CAUSAL)
+    mix = block.resid_mix
+    a = block.attn_scale * block.attn(rms_norm(mix[0] * lane0 + mix[1] * x0) * block.in_scale, PLAIN_CAUSAL)
+    m = block.mlp_scale * block.mlp(rms_norm(lane1) * block.in_scale)
+    assert torch.allclose(out0, 1.1 * lane0 + 1.0 * a + 0.25 * m, atol=1e-5)
+    assert torch.allclose(out1, 0.9 * lane1 + 0.5 * a + 2.0 * m, atol=1e-5)
+    # a gated skip at init is the midpoint of the stream and the weighted skip
+    x, skip = torch.randn(2, 2, 5, 64).unbind(0)
+    model.skip_weights.data[3] = 2.0
+    assert torch.allclose(model.add_skip(x, 3, skip), 0.5 * x + 0.5 * 2.0 * skip, atol=1e-6)
+
+
+@pytest.mark.parametrize("recurrence", [False, True])
+def test_the_record_model_is_causal_and_isolates_documents(recurrence):
+    torch.manual_seed(3)
+    model = GPT(small_record(doc_isolation=True))
+    for p in model.parameters():  # away from the identity-like init, so every path carries signal
+        p.data.add_(torch.randn_like(p) * 0.05)
+    model.recurrence_active = recurrence
+    idx = torch.randint(2, 96, (1, 24))
+    idx[0, 0] = idx[0, 12] = 1  # two documents: 0..11 and 12..23
+    with torch.no_grad():
+        base = model.logits(idx)
+        future = idx.clone()
+        future[0, 8:] = torch.randint(2, 96, (16,))  # change the future of position 7 (and document 2)
+        assert torch.allclose(model.logits(future)[0, :8], base[0, :8], atol=1e-5)
+        first = idx.clone()
+        first[0, 1:12] = torch.randint(2, 96, (11,))  # change all of document 1 but its BOS
+        assert torch.allclose(model.logits(first)[0, 12:], base[0, 12:], atol=1e-5)
+        assert not torch.allclose(model.logits(first)[0, 1:12], base[0, 1:12], atol=1e-3)
+
+
+def test_optimizer_groups_and_decoupled_decay():
+    model = GPT(small_record())
+    groups = split_params(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(groups["matrix"]) == 6 * 11  # Q, K, V, out, MLP in and out of each block; no gate, lane or skip
+    scalars = {names[id(p)] for p in groups["scalar"]}
+    assert {"skip_gates", "skip_weights", "blocks.0.attn.gate_w", "blocks.8.lane_post", "blocks.10.lane_resid"} <= scalars
+    muon, adam = build_optimizers(RECORD.train, model, torch.device("cpu"))
+    assert adam.defaults["betas"] == (0.9, 0.99)
+    assert [g["weight_decay"] for g in adam.param_groups] == [0.085, 0.02]
+    emb = model.embed.weight
+    before = emb.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    adam.step()  # zero gradient: Adam's step is 0, what is left is p *= 1 - lr * wd
+    assert torch.allclose(emb, before * (1 - 0.03 * 0.085), atol=1e-9)
+
+
+def test_shard_spans_cut_the_same_rows_on_every_pass(tmp_path):
+    from gpt.shards import write_shard
+    from gpt.training import ShardSpans
+    a = np.arange(100, 150, dtype=np.uint16)
+    a[:3] = [7, 8, 9]  # tokens before the first BOS are never read
+    a[3] = 1
+    b = np.arange(200, 230, dtype=np.uint16)
+    b[0] = 1
+    paths = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    write_shard(paths[0], a)
+    write_shard(paths[1], b)
+    streams = [ShardSpans(paths, rank, 2, micro_tokens=4, bos_id=1) for rank in (0, 1)]
+    x0, y0 = streams[0].next_batch(8, 4, torch.device("cpu"))  # 2 micro-batches of 4 per rank
+    x1, _ = streams[1].next_batch(8, 4, torch.device("cpu"))
+    # rank 0 takes a[3:8] and a[13:18], rank 1 a[8:13] and a[18:23]: spans of 5, the 5th target only
+    assert x0.tolist() == [a[3:7].tolist(), a[13:17].tolist()] and y0.tolist() == [a[4:8].tolist(), a[14:18].tolist()]
+    assert x1.tolist() == [a[8:12].tolist(), a[18:22].tolist()]
+    seen = [streams[0].next_batch(8, 4, torch.device("cpu"))[0][:, 0].tolist() for _ in range(4)]
+    # shard a holds 47 tokens from its BOS: 4 global spans of 10; the 5th would cross its end, so shard b starts,
+    # whose 30 tokens hold 3 spans; then shard a again, from its BOS, cut as on the first pass
+    assert seen[0] == [a[23], a[33]] and seen[1] == [b[0], b[10]] and seen[2] == [b[20], a[3]]
+    assert seen[3] == [a[13], a[23]]
+    with pytest.raises(ValueError, match="no train shard holds"):
+        ShardSpans(paths, 0, 2, micro_tokens=40, bos_id=1).next_batch(40, 4, torch.device("cpu"))
