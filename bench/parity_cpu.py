@@ -1,0 +1,167 @@
+"""On the CPU, golf's record model and optimizer step against the 1.0611 record script's own, same weights, same batches.
+
+    bash bench/parity_carry.sh            # .ref/: the reference scripts (from ../shared)
+    python bench/parity_cpu.py [--steps 30] [--emb-bf16] > bench/results/parity/cpu_crosscheck.txt
+
+The reference script is imported as a measuring instrument (its Triton kernels are never called: triton is stubbed
+and torch.compile is the identity; its fused MLP and fused loss are off). golf's randomly perturbed weights are copied
+into the reference's banks, then (1) both models' logits are compared, without and with the layer loop, and (2) both
+train side by side on the same FineWeb sample batches with the record's optimizers: golf's ``build_optimizers`` with
+the record preset, and the reference's Muon and AdamW groups as its ``Optimizers`` builds them (read from the script).
+A systematic loss difference here is a difference of maths; none here and one on the GPU points at the GPU path
+(compiled kernels, fused loss, bf16 autocast, data order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from golf.config import preset  # noqa: E402  (before triton is stubbed: torch's own imports need the real state)
+from gpt.model import GPT  # noqa: E402
+from gpt.training import build_optimizers  # noqa: E402
+
+SAMPLE = ROOT / ".ref" / "fineweb_sample" / "fineweb_val_000000.bin"
+
+
+def load_reference(dim: int, heads: int, kv: int, vocab: int):
+    for name in ("triton", "triton.language", "triton.tools", "triton.tools.tensor_descriptor"):
+        sys.modules.setdefault(name, mock.MagicMock())
+    torch.compile = lambda f=None, **kw: f if f is not None else (lambda g: g)
+    os.environ.update(VOCAB_SIZE=str(vocab), MODEL_DIM=str(dim), NUM_HEADS=str(heads), NUM_KV_HEADS=str(kv),
+                      CASEOPS_ENABLED="0", SPARSE_ATTN_GATE_ENABLED="1", SPARSE_ATTN_GATE_SCALE="0.5", GATE_WINDOW="12",
+                      SMEAR_GATE_ENABLED="1", FUSED_CE_ENABLED="0", BETA2="0.99", MATRIX_LR="0.026", GRAD_CLIP_NORM="0.3")
+    scripts = ROOT / ".ref" / "scripts"
+    if not scripts.is_dir():
+        raise SystemExit(f"{scripts} is missing: run bash bench/parity_carry.sh first")
+    sys.path.insert(0, str(scripts))  # its flash_attn_interface shim: dense SDPA
+    spec = importlib.util.spec_from_file_location("record_reference", scripts / "record_1.0611_train_gpt.py")
+    ref = importlib.util.module_from_spec(spec)
+    argv, sys.argv = sys.argv, ["reference"]
+    spec.loader.exec_module(ref)
+    sys.argv = argv
+    ref.BOS_ID = 1
+    return ref
+
+
+def copy_into_reference(golf: GPT, r) -> None:
+    """golf's per-layer matrices into the reference's banks (Q|O, K|V, up, down), and every other parameter."""
+    n = golf.cfg.num_layers
+    with torch.no_grad():
+        r.tok_emb.weight.copy_(golf.embed.weight)
+        for i, b in enumerate(golf.blocks):
+            r.qo_bank[i].copy_(b.attn.q.weight)
+            r.qo_bank[n + i].copy_(b.attn.out.weight)
+            r.kv_bank[i].copy_(b.attn.k.weight)
+            r.kv_bank[n + i].copy_(b.attn.v.weight)
+            r.mlp_up_bank[i].copy_(b.mlp.fc.weight)
+            r.mlp_down_bank[i].copy_(b.mlp.proj.weight)
+            rb = r.blocks[i]
+            for mine, theirs in ((b.attn.q_gain, rb.attn.q_gain), (b.attn.gate_w, rb.attn.attn_gate_w),
+                                 (b.attn_scale, rb.attn_scale), (b.mlp_scale, rb.mlp_scale), (b.resid_mix, rb.resid_mix)):
+                theirs.copy_(mine)
+            if b.two_lanes:
+                r.parallel_post_lambdas[i].copy_(b.lane_post)
+                r.parallel_resid_lambdas[i].copy_(b.lane_resid)
+        r.skip_weights.copy_(golf.skip_weights)
+        r.skip_gates.copy_(golf.skip_gates)
+        r.smear_gate.weight.copy_(golf.smear.gate.weight)
+        r.smear_lambda.copy_(golf.smear.lam)
+    for m in r.modules():
+        if isinstance(m, type(r.blocks[0].mlp)):
+            m.use_fused = False  # its Triton MLP kernel: the plain path, same maths
+
+
+def reference_optimizers(ref, r, t) -> tuple[list, object]:
+    """The record script's three optimizers over its own parameter split (its Optimizers class, as read)."""
+    patterns = ref.CONTROL_TENSOR_NAME_PATTERNS
+    scalars = [p for name, p in r.blocks.named_parameters() if p.ndim < 2 or any(s in name for s in patterns)]
+    scalars += [r.skip_weights, r.skip_gates, r.parallel_post_lambdas, r.parallel_resid_lambdas,
+                r.smear_gate.weight, r.smear_lambda]
+    tok = torch.optim.AdamW([{"params": [r.tok_emb.weight], "lr": t.embed_lr}], betas=(0.9, t.adam_beta2), eps=1e-8,
+                            weight_decay=t.embed_weight_decay)
+    muon = ref.Muon([r.qo_bank, r.kv_bank, r.mlp_up_bank, r.mlp_down_bank], lr=t.matrix_lr, momentum=t.muon_momentum,
+                    backend_steps=5, weight_decay=t.muon_weight_decay, row_normalize=True)
+    sc = torch.optim.AdamW([{"params": scalars, "lr": t.scalar_lr}], betas=(0.9, t.adam_beta2), eps=1e-8,
+                           weight_decay=t.scalar_weight_decay)
+    return [tok, muon, sc], muon
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--emb-bf16", action="store_true", help="the reference's embedding in bf16, as its GPU run keeps it")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    dim, heads, kv, vocab = args.dim, 8, 4, 1024
+    ref = load_reference(dim, heads, kv, vocab)
+    rec = preset("record").train
+    cfg = dataclasses.replace(rec.model, vocab_size=vocab, model_dim=dim, num_heads=heads, num_kv_heads=kv,
+                              doc_isolation=False)
+    t = dataclasses.replace(rec, model=cfg)
+
+    # (1) the forward: perturbed weights (every path live), copied across, logits compared
+    torch.manual_seed(0)
+    golf = GPT(cfg)
+    for p in golf.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)
+    r = ref.GPT(ref.Hyperparameters()).float()
+    copy_into_reference(golf, r)
+    idx = torch.randint(2, vocab, (2, 256))
+    idx[:, 0] = 1
+    idx[0, 100] = 1
+    for loop in (False, True):
+        golf.recurrence_active = r.looping_active = loop
+        with torch.no_grad():
+            diff = (golf.logits(idx) - r.forward_logits(idx)).abs().max().item()
+        print(f"forward, loop {'on ' if loop else 'off'}: max |golf - reference| logit {diff:.3g}")
+
+    # (2) training from the record's own init, side by side
+    torch.manual_seed(0)
+    golf = GPT(cfg)
+    r = ref.GPT(ref.Hyperparameters()).float()
+    copy_into_reference(golf, r)
+    if args.emb_bf16:
+        r.tok_emb.weight.data = r.tok_emb.weight.data.bfloat16()
+    g_opts = build_optimizers(t, golf, torch.device("cpu"))
+    r_opts, r_muon = reference_optimizers(ref, r, t)
+    tokens = np.fromfile(SAMPLE, dtype=np.uint16)[512:].astype(np.int64)
+    B, T = 8, 256
+    print(f"training {args.steps} steps, batch {B}x{T}, loop from step {args.steps // 2}; constant LR; clip {t.grad_clip}")
+    diffs = []
+    for step in range(args.steps):
+        chunk = torch.from_numpy(tokens[step * B * T: (step + 1) * B * T + 1])
+        x, y = chunk[:-1].view(B, T), chunk[1:].view(B, T)
+        frac = min(step / t.muon_momentum_warmup_steps, 1.0)
+        momentum = (1 - frac) * t.muon_momentum_warmup_start + frac * t.muon_momentum
+        losses = []
+        for model, opts, muon in ((golf, g_opts, g_opts[0]), (r, r_opts, r_muon)):
+            golf.recurrence_active = r.looping_active = step >= args.steps // 2
+            loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()), t.grad_clip)
+            for group in muon.param_groups:
+                group["momentum"] = momentum
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        diffs.append(losses[0] - losses[1])
+        print(f"step {step + 1:3d}  golf {losses[0]:.4f}  reference {losses[1]:.4f}  diff {diffs[-1]:+.4f}", flush=True)
+    print(f"max |diff| {max(map(abs, diffs)):.4f}, mean diff {np.mean(diffs):+.4f} over {args.steps} steps")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
