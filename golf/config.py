@@ -93,7 +93,7 @@ def record() -> PipelineConfig:
         average=AverageConfig(method="ema"),
         quantize=QuantizeConfig(method="gptq", bits=6, embed_bits=7, clip="sd:12.85", attn_clip="sd:13",
                                 mlp_clip="sd:11.5", embed_clip="sd:14", compressor="best", shuffle="try",
-                                seq_len=2048, lqer_rank=4),
+                                seq_len=2048, lqer_rank=4, lqer_top=3, lqer_mode="asym", lqer_group=64, gate_int8=True),
         # the record scores every document on its own, in non-overlapping windows, after phased LoRA TTT
         eval=EvalConfig(seq_len=2048, stride=0, doc_isolation=True,
                         ttt=TTTConfig(method="phased", lora_rank=80, lora_alpha=144.0, lora_lr=1e-4,

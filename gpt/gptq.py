@@ -170,6 +170,31 @@ def lqer(w: torch.Tensor, t: dict, rank: int, bits: int, H: torch.Tensor | None 
     return {**t, "lqer": factors}
 
 
+def lqer_asym(w: torch.Tensor, t: dict, rank: int, group: int = 64) -> dict:
+    """The records' LQER: a rank-``rank`` SVD of the plain error E = U S V^T, A = U S in 2 bits under one scale
+    (values -2..1, scale max|A| / 1.5), B = V^T in 4 bits (-8..7) with a scale per ``group`` consecutive values
+    (max / 7.5). B is stored as rows of ``group`` values (the decoder reshapes it to A's rank); when its size is
+    not a multiple of ``group``, one scale per row of B instead."""
+    E = w.float() - dequantize_entry(t)
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    r = min(rank, S.numel())
+    At = (U[:, :r] * S[:r][None, :]).T.contiguous()   # r x rows: stored transposed, as lqer() stores it
+    s_a = (At.abs().amax().clamp_min(1e-10) / 1.5).to(torch.float16).float()
+    q_a = torch.round(At / s_a).clamp_(-2, 1).to(torch.int8)
+    B = Vh[:r].contiguous()
+    rows = B.reshape(-1, group) if B.numel() % group == 0 else B
+    s_b = (rows.abs().amax(dim=1).clamp_min(1e-10) / 7.5).to(torch.float16)
+    q_b = torch.round(rows / s_b.float()[:, None]).clamp_(-8, 7).to(torch.int8)
+    factors = [{"q": q_a, "scale": s_a.to(torch.float16).expand(r).clone(), "bits": 2},
+               {"q": q_b, "scale": s_b, "bits": 4}]
+    return {**t, "lqer": factors}
+
+
+def error_norm(w: torch.Tensor, t: dict) -> float:
+    """Frobenius norm of what quantizing w to t lost (the records rank LQER candidates by it)."""
+    return float((w.float() - dequantize_entry(t)).norm())
+
+
 # --- errors --------------------------------------------------------------------------------------
 def weight_error(w: torch.Tensor, deq: torch.Tensor) -> tuple[float, float]:
     """(squared error, squared norm) of the weights."""

@@ -68,7 +68,7 @@ def dequantize_entry(t: dict) -> torch.Tensor:
         w = out
     if t.get("lqer") is not None:
         at, b = (dequantize_entry(f) for f in t["lqer"])  # A is stored transposed: r rows, r scales
-        w = w + at.T @ b
+        w = w + at.T @ b.reshape(at.shape[0], -1)  # B may be stored as groups of values (asym LQER): back to r rows
     return w
 
 

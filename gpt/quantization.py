@@ -28,7 +28,8 @@ from .averaging import HeldoutScorer, heldout_tokens
 from .capfit import GroupScheme, pack_options
 from .calibration import CalibrationRecord, calibrates
 from .devices import resolve_device
-from .gptq import collect_hessians, lqer, output_error, parse_clip, quantize_matrix, sort_rows, weight_error
+from .gptq import (collect_hessians, error_norm, lqer, lqer_asym, output_error, parse_clip, quantize_matrix, sort_rows,
+                   weight_error)
 from .model import GPT, ModelConfig
 from .qpack import COMPRESSORS, SectionCache, assemble, layout, pack_sections
 from .quant import decode_weights, dequantize_entry
@@ -64,7 +65,13 @@ class QuantizeConfig:
     seq_len: int = 1024                 # context for calibration and held-out scoring (use the training seq_len)
     lqer_rank: int = 0                  # rank of the low-rank error correction (0 = off; records: 4)
     lqer_top: int = 3                   # how many tensors (highest relative output error) get it
-    lqer_bits: int = 4                  # bits of the correction factors
+    lqer_bits: int = 4                  # bits of the correction factors (sym)
+    # sym: activation-scaled SVD, both factors per-row at lqer_bits, tensors ranked by relative output error.
+    # asym (the records'): plain SVD of the error, A in 2 bits ([-2, 1]) under one scale, B in 4 bits with a scale
+    # per lqer_group values, tensors ranked by the Frobenius norm of their error
+    lqer_mode: str = "sym"
+    lqer_group: int = 64
+    gate_int8: bool = False             # attention gate weights as int8 per row, not float (the records')
     device: str = "auto"                # auto | cpu | cuda: where calibration, GPTQ and held-out scoring run
     cap_bytes: int = CAP_BYTES          # the size cap the artifact must fit
     fail_over_cap: bool = True          # stop with an error when over the cap (else compliance reports it)
@@ -79,7 +86,7 @@ class QuantizeConfig:
     def __post_init__(self):
         allowed = {"mode": ("fixed", "fit"), "method": ("rtn", "gptq"), "float_dtype": ("float16", "float32"),
                   "compressor": (*COMPRESSORS, "none", "best"), "shuffle": ("off", "on", "try"),
-                  "row_order": ("none", "scale"), "device": ("auto", "cpu", "cuda")}
+                  "row_order": ("none", "scale"), "device": ("auto", "cpu", "cuda"), "lqer_mode": ("sym", "asym")}
         checks.choices(self, "quantize", allowed)
         for name in ("bits", "embed_bits", "attn_bits", "mlp_bits", "lqer_bits"):
             v = getattr(self, name)
@@ -88,7 +95,7 @@ class QuantizeConfig:
         for name in ("clip", "embed_clip", "attn_clip", "mlp_clip"):
             if getattr(self, name):
                 parse_clip(getattr(self, name))
-        checks.ints(self, "quantize", ("gptq_block", "seq_len", "cap_bytes", "fit_verify_top"), 1)
+        checks.ints(self, "quantize", ("gptq_block", "seq_len", "cap_bytes", "fit_verify_top", "lqer_group"), 1)
         checks.ints(self, "quantize", ("calib_seqs", "keep_float_max_numel", "lqer_rank", "lqer_top", "fit_margin_bytes",
                                        "heldout_tokens", "fit_val_tokens"))
         checks.reals(self, "quantize", ("gptq_damp",))
@@ -141,6 +148,10 @@ class Quantizer:
         self._cache: dict[tuple[str, GroupScheme], dict[str, dict]] = {}
         fdt = torch.float16 if cfg.float_dtype == "float16" else torch.float32
         self.floats = {n: {"float": w.detach().to(fdt)} for n, w in state.items() if self.groups[n] == "float"}
+        if cfg.gate_int8:  # small, so in the float group's sections, but as int8 rows (max clip: 127 steps per row)
+            for n in self.floats:
+                if n.endswith(".attn.gate_w") and state[n].ndim == 2:
+                    self.floats[n] = quantize_matrix(state[n], 8, "max")
 
     def names(self, group: str) -> list[str]:
         return [n for n, g in self.groups.items() if g == group]
@@ -173,7 +184,11 @@ class Quantizer:
         for g in self.present:
             q.update(self.group(g, schemes[g]))
         c = self.cfg
-        if c.lqer_rank > 0 and c.lqer_top > 0:
+        if c.lqer_rank > 0 and c.lqer_top > 0 and c.lqer_mode == "asym":
+            worst = sorted(q, key=lambda n: error_norm(self.state[n], q[n]), reverse=True)[: c.lqer_top]
+            for n in worst:
+                q[n] = lqer_asym(self.state[n], q[n], c.lqer_rank, c.lqer_group)
+        elif c.lqer_rank > 0 and c.lqer_top > 0:
             worst = sorted(q, key=lambda n: self.rel_output_error(n, q[n]), reverse=True)[: c.lqer_top]
             for n in worst:
                 q[n] = lqer(self.state[n], q[n], c.lqer_rank, c.lqer_bits, self.H.get(n))

@@ -265,3 +265,48 @@ def test_sweep_flow_maps_quantize_and_eval_and_publishes_one_table(pipeline_run)
     with pytest.raises(Exception, match="bitz"):  # Prefect's parameter validation refuses it
         quantize_sweep_flow(config=dataclasses.asdict(cfg), store_root=str(store.root),
                             quantize_configs=[{"bitz": 6}])
+
+
+def test_asym_lqer_is_the_records_packing_and_round_trips():
+    from gpt.gptq import lqer_asym
+    w = heavy_tailed(64, 128, seed=3)
+    base = quantize_matrix(w, 5, "sd:4")
+    t = lqer_asym(w, base, rank=4, group=64)
+    at, b = t["lqer"]
+    # A (stored transposed, 4 x 64): values -2..1 under one scale = max|A| / 1.5; B: 4 x 128 as 8 groups of 64
+    assert at["q"].shape == (4, 64) and int(at["q"].min()) >= -2 and int(at["q"].max()) <= 1 and at["bits"] == 2
+    assert torch.unique(at["scale"]).numel() == 1
+    assert b["q"].shape == (8, 64) and int(b["q"].abs().max()) <= 8 and int(b["q"].max()) <= 7 and b["bits"] == 4
+    # the correction is the SVD's rank-4 part of the error, packed as the record packs it (computed here apart)
+    E = w - dequantize_entry(base)
+    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+    A, B = U[:, :4] * S[:4], Vh[:4]
+    s_a = (A.abs().max() / 1.5).half().float()
+    s_b = (B.reshape(-1, 64).abs().amax(dim=1, keepdim=True) / 7.5).half().float()
+    packed = (torch.round(A / s_a).clamp(-2, 1) * s_a) @ (torch.round(B.reshape(-1, 64) / s_b).clamp(-8, 7) * s_b).reshape(4, -1)
+    got = dequantize_entry(t) - dequantize_entry(base)
+    assert torch.allclose(got, packed, atol=1e-6)
+    assert (dequantize_entry(t) - w).norm() < E.norm()
+    state, _ = decode_weights(blob_of({"w": t}, ["zlib"], True))
+    assert torch.equal(state["w"], dequantize_entry(t))
+    # a B whose size is no multiple of the group: one scale per row of B
+    odd = lqer_asym(w[:, :100], quantize_matrix(w[:, :100], 5, "sd:4"), rank=4, group=64)
+    assert odd["lqer"][1]["q"].shape == (4, 100)
+
+
+def test_asym_lqer_and_int8_gates_through_the_quantizer():
+    from gpt.quantization import QuantizeConfig, Quantizer, fixed_schemes
+    g = torch.Generator().manual_seed(0)
+    state = {"blocks.0.attn.q.weight": heavy_tailed(64, 64, 1), "blocks.0.mlp.fc.weight": heavy_tailed(128, 64, 2),
+             "blocks.1.mlp.fc.weight": heavy_tailed(128, 64, 4) * 3, "blocks.0.attn.gate_w": torch.randn(8, 12, generator=g)}
+    cfg = QuantizeConfig(bits=4, keep_float_max_numel=1024, lqer_rank=2, lqer_top=1, lqer_mode="asym", gate_int8=True)
+    qz = Quantizer(state, cfg, None)
+    entries = qz.entries(fixed_schemes(cfg))
+    # the largest error norm gets the correction: the 3x-scaled MLP matrix
+    assert [n for n, t in entries.items() if t.get("lqer")] == ["blocks.1.mlp.fc.weight"]
+    gate = entries["blocks.0.attn.gate_w"]
+    assert gate["bits"] == 8 and qz.groups["blocks.0.attn.gate_w"] == "float"
+    err = (dequantize_entry(gate) - state["blocks.0.attn.gate_w"]).abs()
+    assert (err <= state["blocks.0.attn.gate_w"].abs().amax(dim=1, keepdim=True) / 127 / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="lqer_mode"):
+        QuantizeConfig(lqer_mode="both")

@@ -37,6 +37,7 @@ def test_the_preset_says_what_the_record_runs():
     assert (t.muon_momentum, t.muon_momentum_warmup_start, t.muon_momentum_warmup_steps) == (0.97, 0.92, 1500)
     assert (t.warmdown_frac, t.min_lr_frac, t.ema_decay, t.recur_from_frac, t.warmup_steps) == (0.85, 0.1, 0.9965, 0.35, 0)
     assert (q.bits, q.embed_bits, q.attn_clip, q.mlp_clip, q.embed_clip, q.lqer_rank) == (6, 7, "sd:13", "sd:11.5", "sd:14", 4)
+    assert (q.lqer_mode, q.lqer_top, q.lqer_group, q.gate_int8) == ("asym", 3, 64, True)
     assert (e.seq_len, e.stride, e.doc_isolation, e.ttt.method) == (2048, 0, True, "phased")
     assert (e.ttt.lora_rank, e.ttt.lora_alpha, e.ttt.lora_lr, e.ttt.lora_wd, e.ttt.phase_docs) == (80, 144.0, 1e-4, 0.5, 2500)
 
