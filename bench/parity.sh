@@ -25,11 +25,11 @@ nvidia-smi -L > "$P/gpu.txt" 2>&1; python3 -c "import torch; print('torch', torc
 if [ "$SIDE" = reference ]; then
   # PREQUANT_ONLY=1 ends the record script after its post-EMA score, but its process then lingers until
   # run_reference.sh's timeout: stop it once that line is written (the baseline exits by itself)
-  PREQUANT_ONLY=1 bash .ref/scripts/run_reference.sh "$WHICH" "$STEPS" "$SEED" > "$P/reference_run.txt" 2>&1 &
-  ref=$!
+  setsid env PREQUANT_ONLY=1 bash .ref/scripts/run_reference.sh "$WHICH" "$STEPS" "$SEED" > "$P/reference_run.txt" 2>&1 &
+  ref=$!  # its own process group: stopped as one, nothing else on the machine touched
   while kill -0 $ref 2>/dev/null; do
     if grep -q "post-ema" "$OUT/reference_$WHICH.log" 2>/dev/null; then
-      sleep 2; pkill -f "reference/scripts|\.ref/scripts" ; pkill -f torchrun; break
+      sleep 2; kill -TERM -- -$ref 2>/dev/null; break
     fi
     sleep 5
   done

@@ -1,6 +1,6 @@
 """On the CPU, golf's record model and optimizer step against the 1.0611 record script's own, same weights, same batches.
 
-    bash bench/parity_carry.sh            # .ref/: the reference scripts (from ../shared)
+    (the reference scripts and the FineWeb sample from .ref/, bench/parity_carry.sh, or from ../shared)
     python bench/parity_cpu.py [--steps 30] [--emb-bf16] > bench/results/parity/cpu_crosscheck.txt
 
 The reference script is imported as a measuring instrument (its Triton kernels are never called: triton is stubbed
@@ -31,7 +31,11 @@ from golf.config import preset  # noqa: E402  (before triton is stubbed: torch's
 from gpt.model import GPT  # noqa: E402
 from gpt.training import build_optimizers  # noqa: E402
 
-SAMPLE = ROOT / ".ref" / "fineweb_sample" / "fineweb_val_000000.bin"
+# the reference scripts and the FineWeb sample: carried in .ref/ (bench/parity_carry.sh) or where ../shared keeps them
+SHARED = Path(os.environ.get("GOLF_SHARED", ROOT.parent / "shared"))
+SCRIPTS = next((p for p in (ROOT / ".ref" / "scripts", SHARED / "reference" / "scripts") if p.is_dir()), None)
+SAMPLE = next((p for p in (ROOT / ".ref" / "fineweb_sample" / "fineweb_val_000000.bin",
+                           SHARED / "data" / "fineweb_sample" / "fineweb_val_000000.bin") if p.exists()), None)
 
 
 def load_reference(dim: int, heads: int, kv: int, vocab: int):
@@ -41,9 +45,9 @@ def load_reference(dim: int, heads: int, kv: int, vocab: int):
     os.environ.update(VOCAB_SIZE=str(vocab), MODEL_DIM=str(dim), NUM_HEADS=str(heads), NUM_KV_HEADS=str(kv),
                       CASEOPS_ENABLED="0", SPARSE_ATTN_GATE_ENABLED="1", SPARSE_ATTN_GATE_SCALE="0.5", GATE_WINDOW="12",
                       SMEAR_GATE_ENABLED="1", FUSED_CE_ENABLED="0", BETA2="0.99", MATRIX_LR="0.026", GRAD_CLIP_NORM="0.3")
-    scripts = ROOT / ".ref" / "scripts"
-    if not scripts.is_dir():
-        raise SystemExit(f"{scripts} is missing: run bash bench/parity_carry.sh first")
+    scripts = SCRIPTS
+    if scripts is None or SAMPLE is None:
+        raise SystemExit("the reference scripts are in neither .ref/ nor ../shared: run bash bench/parity_carry.sh")
     sys.path.insert(0, str(scripts))  # its flash_attn_interface shim: dense SDPA
     spec = importlib.util.spec_from_file_location("record_reference", scripts / "record_1.0611_train_gpt.py")
     ref = importlib.util.module_from_spec(spec)

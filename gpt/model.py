@@ -49,7 +49,8 @@ class ModelConfig:
     recur_resplit: bool = False
     skip_gates: bool = False    # a skip is lerp(w * skip, x, sigmoid(g)) with g zero-initialised (records), not x + w * skip
     parallel_from: int = -1     # from this layer on, attention and MLP read in parallel (-1 = never)
-    # 1: both read the same normed stream and add to it together. 2 (the records): two lanes, attention reads
+    # 1: both read the same normed stream and add to it together. 2 (the records, from layer 8 of 11: decoder calls
+    # only; earlier layers work too, and a one-stream layer after two-lane ones takes their mean): two lanes, attention reads
     # lane 0 (mixed with x0), the MLP reads lane 1, each output is added to both lanes with learned weights,
     # each lane's residual is scaled by a learned lambda (init parallel_resid_init), and the model's output
     # is the mean of the lanes; skips feed lane 0

@@ -108,7 +108,9 @@ class OverCap(RuntimeError):
 
 
 def group_of(name: str, w: torch.Tensor, cfg: QuantizeConfig) -> str:
-    if w.ndim != 2 or w.numel() <= cfg.keep_float_max_numel:
+    # only layer weights are quantized: gates, skip weights and lane lambdas stay float whatever their size
+    # (GPTQ has Hessians for the linear layers alone)
+    if w.ndim != 2 or w.numel() <= cfg.keep_float_max_numel or not name.endswith(".weight"):
         return "float"
     if name == "embed.weight":
         return "embed"

@@ -166,6 +166,9 @@ class TokenStream:
         return {"shard": self.shard, "pos": self.pos}
 
     def load_state(self, s: dict) -> None:
+        if s.get("loader", "stream") != "stream" and type(self) is TokenStream:
+            raise ValueError(f"the snapshot's data position is the {s['loader']} loader's, not the stream's: resume "
+                             f"with the train.loader it was written with, or start afresh")
         self.shard, self.pos = s["shard"], s["pos"]
         self.tokens = load_tokens(self.paths[self.shard])
 
@@ -208,8 +211,17 @@ class ShardSpans(TokenStream):
         self.pos = self.first_bos()
 
     def first_bos(self) -> int:
-        hits = np.flatnonzero(np.asarray(self.tokens[: 1 << 20]) == self.bos_id)
+        hits = np.flatnonzero(np.asarray(self.tokens) == self.bos_id)
         return int(hits[0]) if len(hits) else 0
+
+    def state(self) -> dict:
+        return {**super().state(), "loader": "shard_spans"}
+
+    def load_state(self, s: dict) -> None:
+        if s.get("loader") != "shard_spans":
+            raise ValueError("the snapshot's data position is the stream loader's, not shard_spans': resume with the "
+                             "train.loader it was written with, or start afresh")
+        super().load_state(s)
 
     def next_span(self) -> np.ndarray:
         span = self.micro_tokens + 1
@@ -260,11 +272,13 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device, shard: 
     groups = split_params(model)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, schedule=cfg.muon_schedule,
                 row_norm=cfg.muon_row_norm, weight_decay=cfg.muon_weight_decay, shard=shard)
-    # decoupled decay (AdamW's p *= 1 - lr * wd, with the scheduled lr); 0 is plain Adam
-    adam = torch.optim.Adam([{"params": groups["embed"], "lr": cfg.embed_lr, "weight_decay": cfg.embed_weight_decay},
-                             {"params": groups["scalar"], "lr": cfg.scalar_lr, "weight_decay": cfg.scalar_weight_decay}],
-                            betas=(0.9, cfg.adam_beta2), eps=1e-8, decoupled_weight_decay=True,
-                            fused=device.type == "cuda")
+    adam_groups = [{"params": groups["embed"], "lr": cfg.embed_lr}, {"params": groups["scalar"], "lr": cfg.scalar_lr}]
+    common = dict(betas=(0.9, cfg.adam_beta2), eps=1e-8, fused=device.type == "cuda")
+    if cfg.embed_weight_decay or cfg.scalar_weight_decay:  # decoupled: p *= 1 - lr * wd, with the scheduled lr
+        adam_groups[0]["weight_decay"], adam_groups[1]["weight_decay"] = cfg.embed_weight_decay, cfg.scalar_weight_decay
+        adam = torch.optim.AdamW(adam_groups, **common)
+    else:  # plain Adam, as before the decays existed
+        adam = torch.optim.Adam(adam_groups, **common)
     return [muon, adam]
 
 

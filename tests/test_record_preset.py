@@ -185,3 +185,55 @@ def test_shard_spans_cut_the_same_rows_on_every_pass(tmp_path):
     assert seen[3] == [a[13], a[23]]
     with pytest.raises(ValueError, match="no train shard holds"):
         ShardSpans(paths, 0, 2, micro_tokens=40, bos_id=1).next_batch(40, 4, torch.device("cpu"))
+
+
+def test_gated_skip_weighs_the_stream_by_the_gate():
+    model = GPT(small_record())
+    x, skip = torch.randn(2, 2, 5, 64).unbind(0)
+    model.skip_gates.data[1] = 2.0  # sigmoid(2) = 0.881 of the stream, the rest of the weighted skip
+    model.skip_weights.data[1] = 0.5
+    s = torch.sigmoid(torch.tensor(2.0))
+    assert torch.allclose(model.add_skip(x, 1, skip), s * x + (1 - s) * 0.5 * skip, atol=1e-6)
+
+
+def test_shard_spans_resume_where_they_stopped_and_refuse_a_stream_snapshot(tmp_path):
+    from gpt.shards import write_shard
+    from gpt.training import ShardSpans, TokenStream
+    paths = []
+    for i, n in enumerate((300, 170, 230)):
+        t = np.random.default_rng(i).integers(2, 90, n).astype(np.uint16)
+        t[::37] = 1
+        paths.append(tmp_path / f"s{i}.bin")
+        write_shard(paths[-1], t)
+    cpu = torch.device("cpu")
+    whole = ShardSpans(paths, 0, 1, micro_tokens=16, bos_id=1)
+    expected = [whole.next_batch(32, 8, cpu)[0] for _ in range(40)]  # wraps over the three shards twice
+    first = ShardSpans(paths, 0, 1, micro_tokens=16, bos_id=1)
+    got = [first.next_batch(32, 8, cpu)[0] for _ in range(17)]
+    again = ShardSpans(paths, 0, 1, micro_tokens=16, bos_id=1)
+    again.load_state(first.state())
+    got += [again.next_batch(32, 8, cpu)[0] for _ in range(23)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    with pytest.raises(ValueError, match="stream loader"):
+        again.load_state(TokenStream(paths, 0, 1).state())
+    with pytest.raises(ValueError, match="shard_spans loader"):
+        TokenStream(paths, 0, 1).load_state(again.state())
+
+
+def test_golf_and_the_record_script_agree_on_the_cpu():
+    """bench/parity_cpu.py with the record script from ../shared as the instrument: same logits, same steps."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    scripts = [root / ".ref" / "scripts", root.parent / "shared" / "reference" / "scripts"]
+    if not any((p / "record_1.0611_train_gpt.py").exists() for p in scripts):
+        pytest.skip("the record script is in neither .ref/ nor ../shared")
+    out = subprocess.run([sys.executable, str(root / "bench" / "parity_cpu.py"), "--steps", "6"],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    forward = [float(x) for x in re.findall(r"max \|golf - reference\| logit (\S+)", out.stdout)]
+    assert forward == [0.0, 0.0], out.stdout
+    diffs = [float(x) for x in re.findall(r"step +\d+ .* diff ([+-]\d+\.\d+)", out.stdout)]
+    assert len(diffs) == 6 and max(map(abs, diffs)) < 0.01, out.stdout
