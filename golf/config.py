@@ -98,6 +98,7 @@ def record() -> PipelineConfig:
         eval=EvalConfig(seq_len=2048, stride=0, doc_isolation=True,
                         ttt=TTTConfig(method="phased", lora_rank=80, lora_alpha=144.0, lora_lr=1e-4,
                                       lora_betas="0,0.99", lora_wd=0.5, lora_chunk=48, lora_docs=64,
+                                      lora_layout="record", lora_head=True, lora_warm_a=True,
                                       phase_docs=2500, phases=3, phase_lr=1e-3, momentum=0.9, batch_seqs=32,
                                       grad_clip=1.0)),
     )

@@ -484,11 +484,17 @@ class GPT(nn.Module):
             x = 0.5 * (x + lane1)
         return rms_norm(x)
 
-    def project(self, h: Tensor) -> Tensor:
-        """float32 logits from final hidden states (..., model_dim); scoring projects only the positions it scores."""
-        logits = F.linear(h, self.embed.weight.to(h.dtype)).float()
+    def head_logits(self, h: Tensor) -> Tensor:
+        """float32 logits before the softcap: the tied embedding as the output head (TTT's head adapter adds here)."""
+        return F.linear(h, self.embed.weight.to(h.dtype)).float()
+
+    def softcap(self, logits: Tensor) -> Tensor:
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def project(self, h: Tensor) -> Tensor:
+        """float32 logits from final hidden states (..., model_dim); scoring projects only the positions it scores."""
+        return self.softcap(self.head_logits(h))
 
     def logits(self, idx: Tensor) -> Tensor:
         return self.project(self.hidden(idx))

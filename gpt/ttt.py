@@ -3,8 +3,8 @@
 
 Legal by construction: every adaptation step runs after the targets it trains on were scored and
 recorded, and no target is scored twice, so a target's score depends only on the artifact and the tokens
-before it. Each step is logged as it happens ({"event": "score"|"adapt", "start", "end"}, target indices,
-half-open) for the compliance stage to replay.
+before it (with lora_warm_a: before it in the eval's order, see lora). Each step is logged as it happens
+({"event": "score"|"adapt", "start", "end"}, target indices, half-open) for the compliance stage to replay.
 
   none    windows (sliding or not, documents isolated or not) split over ranks batch by batch
   sgd     the stream in chunks of ``chunk_tokens`` targets: score the chunk (its windows split over
@@ -15,7 +15,11 @@ half-open) for the compliance stage to replay.
   lora    per-document LoRA adapters (q, k, v, out, MLP fc and proj), reset at each document: the document
           is scored ``lora_chunk`` targets at a time (each with up to seq_len tokens of its own context), and
           after each chunk but the last the adapters take one AdamW step on it. Documents are independent,
-          so they are split over ranks and adapted ``lora_docs`` at a time (longest first).
+          so they are split over ranks and adapted ``lora_docs`` at a time (longest first). lora_layout=record
+          puts the adapters where the 1.0611 record does (one set per layer call on q, k, v, o and the MLP),
+          lora_head adds one on the output projection, lora_warm_a keeps A from one group of documents to
+          the next on a rank (B is zeroed): a document's scores then also depend on the documents that rank
+          adapted on before it in its segment (all scored before; by time, not stream, order).
   phased  lora, plus global momentum SGD of all weights on every document scored so far, at ``phases``
           document boundaries evenly spread over the first ``phase_docs`` documents. The documents between
           two boundaries are split over ranks; the global steps are data-parallel (gradients all-reduced),
@@ -44,6 +48,7 @@ from .scoring import (document_spans, kept_logits, make_batches, padded_len, sco
                       window_tensors)
 
 TTT_METHODS = ("none", "sgd", "lora", "phased")
+LORA_LAYOUTS = ("linears", "record")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,17 @@ class TTTConfig:
     phase_lr: float = 0.001     # phased: peak learning rate of each pass, cosine-decayed over its steps
     phase_epochs: int = 1       # phased: passes over the scored documents at each boundary
     seed: int = 0               # LoRA A initialisation
+    # lora and phased: where the adapters sit. linears: one on each of q, k, v, out, MLP fc and proj of every block,
+    # shared by all the calls of that block (recurrence). record (the 1.0611 record's): one set per layer *call*
+    # (17 calls over 11 blocks with its loop), on q, k and v (reading the attention's normed input), o (reading that
+    # same input, added to the attention's output) and the whole MLP (reading its normed input, added to its output)
+    lora_layout: str = "linears"
+    # lora: one more adapter, on the output projection: reads the final hidden state, adds to the logits before
+    # the softcap (records: on)
+    lora_head: bool = False
+    # lora: keep A from one document group to the next of a rank (only B is zeroed, AdamW starts afresh), drawn
+    # anew at each global phase; off: A drawn from ``seed`` for every group (records: on, TTT_WARM_START_A=1)
+    lora_warm_a: bool = False
 
     def __post_init__(self):
         if self.method not in TTT_METHODS:
@@ -85,6 +101,11 @@ class TTTConfig:
             betas = []
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"ttt.lora_betas must be two numbers in [0, 1) like 0.9,0.999, not {self.lora_betas!r}")
+        if self.lora_layout not in LORA_LAYOUTS:
+            raise ValueError(f"ttt.lora_layout must be one of {', '.join(LORA_LAYOUTS)}, not {self.lora_layout!r}")
+        for name in ("lora_head", "lora_warm_a"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"ttt.{name} must be true or false, not {getattr(self, name)!r}")
 
 
 class EvalBudgetError(RuntimeError):
@@ -92,30 +113,125 @@ class EvalBudgetError(RuntimeError):
 
 
 LORA_TARGETS = re.compile(r"blocks\.\d+\.(attn\.(q|k|v|out)|mlp\.(fc|proj))")
+# lora_layout=record: q, k and v (linears), o (the attention module: its input to its output) and the MLP module
+RECORD_TARGETS = re.compile(r"blocks\.(\d+)\.(attn(\.[qkv])?|mlp)")
+
+
+def layer_calls(model) -> list[int]:
+    """The block of each layer call of one forward, in execution order (recurrence repeats some)."""
+    if hasattr(model, "looped_layers") and hasattr(model, "cfg"):
+        return model.looped_layers(model.cfg, getattr(model, "recurrence_active", False))
+    return list(range(len(model.blocks)))
+
+
+def _fans(module) -> tuple[int, int]:
+    """(inputs, outputs) of a targeted module: a linear layer, an attention (q's input, out's output) or an MLP."""
+    if hasattr(module, "in_features"):
+        return module.in_features, module.out_features
+    first, last = (module.q, module.out) if hasattr(module, "out") else (module.fc, module.proj)
+    return first.in_features, last.out_features
 
 
 class LoRA:
-    """One rank-r adapter per batch row on each targeted linear layer, added through forward hooks (the
-    model is not changed; ``remove`` detaches them). Rows start from the same A and B = 0: the model's
-    own output, whatever came before."""
+    """Rank-r adapters, one per batch row, added through forward hooks (the model is not changed; ``remove``
+    detaches them, ``attach`` puts them back). Rows start from the same A and B = 0: the model's own output,
+    whatever came before.
+
+    ``linears`` layout: one adapter per targeted linear layer, used by every call of it. ``record`` layout: one
+    per layer call (slot): each targeted module counts its calls within a forward (``begin`` zeroes the counts,
+    ``end`` checks each module ran once per call of the layer plan) and its c-th call takes its c-th adapter, the
+    one of slot ``slots[c]`` (the index of that call in execution order). ``lora_head``: one more adapter on the
+    output projection; ``model.project`` is shadowed on the instance by the model's own head_logits, plus the
+    adapter's output, then the model's own softcap."""
 
     def __init__(self, model, rows: int, cfg: TTTConfig, device):
-        mods = [m for n, m in model.named_modules() if LORA_TARGETS.fullmatch(n)]
-        g = torch.Generator().manual_seed(cfg.seed)
-        self.A = [torch.nn.Parameter(((torch.rand(m.in_features, cfg.lora_rank, generator=g) * 2 - 1)
-                                      / math.sqrt(m.in_features)).to(device).expand(rows, -1, -1).clone())
-                  for m in mods]
-        self.B = [torch.nn.Parameter(torch.zeros(rows, cfg.lora_rank, m.out_features, device=device)) for m in mods]
+        self.cfg, self.device = cfg, device
+        self.targets: list[tuple[str, torch.nn.Module, list]] = []  # (name, module, slots; [None]: every call)
+        calls = layer_calls(model) if cfg.lora_layout == "record" else []
+        for name, m in model.named_modules():
+            if cfg.lora_layout == "linears" and LORA_TARGETS.fullmatch(name):
+                self.targets.append((name, m, [None]))
+            elif cfg.lora_layout == "record" and (match := RECORD_TARGETS.fullmatch(name)):
+                self.targets.append((name, m, [k for k, i in enumerate(calls) if i == int(match.group(1))]))
+        self.first = [sum(len(t[2]) for t in self.targets[:i]) for i in range(len(self.targets))]
+        self.names = [name if k is None else f"{name}@{k}" for name, _, slots in self.targets for k in slots]
+        self.fans = [_fans(m) for _, m, slots in self.targets for _ in slots]
+        if cfg.lora_head:
+            self.names.append("head")
+            self.fans.append((model.embed.embedding_dim, model.embed.num_embeddings))
+        self.A = [torch.nn.Parameter(a.to(device).expand(rows, -1, -1).clone()) for a in self._draw()]
+        self.B = [torch.nn.Parameter(torch.zeros(rows, cfg.lora_rank, fo, device=device)) for _, fo in self.fans]
         self.scale = cfg.lora_alpha / cfg.lora_rank
         self.rows: torch.Tensor | None = None  # the adapter rows of the batch's rows (None: all, in order)
-        self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(mods)]
+        self.calls = [0] * len(self.targets)  # each target's calls in the current forward
+        self.kept = None  # the head's view of the batch: (row, column) of each kept position, width, rows
+        self.hooks: list = []
+        self.attach(model)
 
-    def _hook(self, i: int):
+    def _draw(self) -> list:
+        """A's initial matrices, (inputs, rank) each: uniform in +-1/sqrt(inputs), from ``seed``."""
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        return [(torch.rand(fi, self.cfg.lora_rank, generator=g) * 2 - 1) / math.sqrt(fi) for fi, _ in self.fans]
+
+
+    def _delta(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        A, B = (self.A[j], self.B[j]) if self.rows is None else (self.A[j][self.rows], self.B[j][self.rows])
+        return (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
+
+    def _hook(self, t: int):
+        first, slots, name = self.first[t], self.targets[t][2], self.targets[t][0]
+        if slots == [None]:
+            return lambda module, inputs, out: out + self._delta(first, inputs[0])
+
         def add(module, inputs, out):
-            x = inputs[0]
-            A, B = (self.A[i], self.B[i]) if self.rows is None else (self.A[i][self.rows], self.B[i][self.rows])
-            return out + (x @ A.to(x.dtype)) @ B.to(x.dtype) * self.scale
+            c = self.calls[t]
+            if c >= len(slots):
+                raise RuntimeError(f"LoRA: {name} ran more than its {len(slots)} call(s) in one forward (begin() not "
+                                   f"called, or the recurrence switched after the adapters were made)")
+            self.calls[t] = c + 1
+            return out + self._delta(first + c, inputs[0])
         return add
+
+    def _head_delta(self, h: torch.Tensor) -> torch.Tensor:
+        """The head adapter's output for kept hidden states h (N, dim), row-major: per row, through (rows, width)."""
+        if self.kept is None:
+            raise RuntimeError("LoRA head: begin(keep) must name the kept positions before the forward")
+        row, col, width, n = self.kept
+        H = h.new_zeros(n, width, h.size(-1)).index_put((row, col), h)
+        return self._delta(len(self.A) - 1, H)[row, col]
+
+    def attach(self, model) -> None:
+        self.hooks = [m.register_forward_hook(self._hook(t)) for t, (_, m, _) in enumerate(self.targets)]
+        if self.cfg.lora_head:
+            raw, softcap = model.head_logits, model.softcap  # the model's own head, split at the softcap
+            shadowed = model.__dict__.get("project")
+            model.project = lambda h: softcap(raw(h) + self._head_delta(h).float())
+            self.hooks.append(_Unshadow(model, "project", shadowed))
+
+    def begin(self, keep: torch.Tensor | None = None) -> None:
+        """Before each forward: the call counts start again; ``keep`` (rows, T, on the CPU) marks the positions
+        whose hidden states reach the head, in the row-major order of kept_logits."""
+        self.calls = [0] * len(self.targets)
+        if self.cfg.lora_head:
+            row, col = keep.nonzero()[:, 0], (keep.cumsum(1) - 1)[keep]
+            self.kept = (row.to(self.device), col.to(self.device), max(int(keep.sum(1).max()), 1), keep.shape[0])
+
+    def end(self) -> None:
+        """After each forward: every per-call target ran once for each call of the layer plan."""
+        for (name, _, slots), c in zip(self.targets, self.calls):
+            if slots != [None] and c != len(slots):
+                raise RuntimeError(f"LoRA: {name} ran {c} time(s) in a forward, the layer plan has {len(slots)}")
+        self.kept = None
+
+    def reset(self) -> None:
+        """For the next group of documents: B = 0; A kept (lora_warm_a) or drawn again as at construction."""
+        with torch.no_grad():
+            for B in self.B:
+                B.zero_()
+            if not self.cfg.lora_warm_a:
+                for A, a in zip(self.A, self._draw()):
+                    A.copy_(a.to(A.device).expand_as(A))
+        self.rows = None
 
     def params(self) -> list:
         return self.A + self.B
@@ -123,6 +239,20 @@ class LoRA:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+        self.hooks = []
+
+
+class _Unshadow:
+    """Undoes an instance attribute shadowing a method (a hook handle's ``remove``)."""
+
+    def __init__(self, obj, name: str, previous):
+        self.obj, self.name, self.previous = obj, name, previous
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            self.obj.__dict__[self.name] = self.previous
 
 
 class EvalLoop:
@@ -158,6 +288,7 @@ class EvalLoop:
         self.budget_s, self.on_budget, self.spent_s = budget_s, on_budget, spent_s
         self.stopped: dict | None = None
         self.progress = progress
+        self.warm_lora: LoRA | None = None  # lora_warm_a: this rank's adapters, carried from group to group
 
     # --- bookkeeping ------------------------------------------------------------------------------------------
     def log(self, kind: str, lo: int, hi: int, shared: bool = False) -> None:
@@ -299,6 +430,7 @@ class EvalLoop:
                  if size[d] > 0] for p in range(len(cuts) - 1)]
         total, done = sum(size[d] for seg in mine for d in seg), 0
         for p, docs in enumerate(mine):
+            self.warm_lora = None  # lora_warm_a: A drawn anew for each segment (the record: after each global phase)
             for g in range(0, len(docs), cfg.lora_docs):
                 group = docs[g:g + cfg.lora_docs]
                 if self.stopped is None:
@@ -324,7 +456,13 @@ class EvalLoop:
         base = list(self.model.parameters())
         for p in base:
             p.requires_grad_(False)
-        lora = LoRA(self.model, rows, cfg, self.device)
+        if cfg.lora_warm_a and self.warm_lora is not None:  # A as the last group left it, B = 0
+            lora = self.warm_lora
+            lora.reset()
+            lora.attach(self.model)
+        else:
+            lora = LoRA(self.model, cfg.lora_docs if cfg.lora_warm_a else rows, cfg, self.device)
+            self.warm_lora = lora if cfg.lora_warm_a else None
         b1, b2 = (float(v) for v in cfg.lora_betas.split(","))
         opt = torch.optim.AdamW(lora.params(), lr=cfg.lora_lr, betas=(b1, b2), weight_decay=cfg.lora_wd)
         try:
@@ -339,15 +477,17 @@ class EvalLoop:
                 train = [lo < hi < b for (_, _, lo, hi), (_, b) in zip(wins, spans)]
                 T = padded_len(max(w[1] for w in wins), L, self.fixed)
                 if self.fixed:  # every row, done or not: one shape per length
-                    x, y, keep = (v.to(self.device) for v in window_tensors(self.tokens, T, rows, wins))
+                    batch = window_tensors(self.tokens, T, rows, wins)
                 else:  # only the documents still going
                     active = [r for r, w in enumerate(wins) if w[1]]
                     lora.rows = torch.tensor(active, device=self.device)
-                    x, y, keep = (v.to(self.device) for v in
-                                  window_tensors(self.tokens, T, len(active), [wins[r] for r in active]))
+                    batch = window_tensors(self.tokens, T, len(active), [wins[r] for r in active])
+                x, y, keep = (v.to(self.device) for v in batch)
+                lora.begin(batch[2])  # the per-call counts start again; the head learns each position's row
                 with torch.set_grad_enabled(any(train)), \
                         torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                     logits = kept_logits(self.model, x, keep)
+                lora.end()
                 tgt = y[keep]
                 nll = F.cross_entropy(logits.detach().double(), tgt, reduction="none").cpu().numpy()
                 i = 0

@@ -27,6 +27,10 @@ VARIANTS = {
     "lora": dict(doc_isolation=True, stride=16, ttt=TTTConfig(method="lora", **_LORA)),
     "phased": dict(doc_isolation=True, stride=16, ttt=TTTConfig(method="phased", phase_docs=8, phases=2,
                                                                  phase_lr=0.05, **_SGD, **_LORA)),
+    # the 1.0611 record's adapters: per layer call on q, k, v, o and the MLP, and one on the output projection
+    "phased_record": dict(doc_isolation=True, stride=16, ttt=TTTConfig(method="phased", phase_docs=8, phases=2,
+                                                                        phase_lr=0.05, lora_layout="record",
+                                                                        lora_head=True, **_SGD, **_LORA)),
 }
 
 

@@ -23,8 +23,9 @@ from gpt.ttt import EvalBudgetError, TTTConfig
 from tests.eval_worker import BOS, VARIANTS, VOCAB, run_variant, toy_stream
 
 ROOT = Path(__file__).resolve().parent.parent
-TTT_VARIANTS = ["sgd", "sgd_isolated", "lora", "phased"]
-NO_TTT = {"sgd": "sliding", "sgd_isolated": "isolated", "lora": "isolated", "phased": "isolated"}
+TTT_VARIANTS = ["sgd", "sgd_isolated", "lora", "phased", "phased_record"]
+NO_TTT = {"sgd": "sliding", "sgd_isolated": "isolated", "lora": "isolated", "phased": "isolated",
+          "phased_record": "isolated"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,6 +120,11 @@ def test_budget_fails_early_or_stops_adapting():
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="ttt.method must be one of"):
         TTTConfig(method="slot")
+    with pytest.raises(ValueError, match="ttt.lora_layout must be one of linears, record, not 'slots'"):
+        TTTConfig(lora_layout="slots")
+    for name in ("lora_head", "lora_warm_a"):
+        with pytest.raises(ValueError, match=f"ttt.{name} must be true or false"):
+            TTTConfig(**{name: 1})
     with pytest.raises(evaluate.EvalConfigError, match="doc_isolation=true"):
         evaluate.check_config(evaluate.EvalConfig(ttt=TTTConfig(method="lora")))
     with pytest.raises(evaluate.EvalConfigError, match="on_budget"):

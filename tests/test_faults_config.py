@@ -59,6 +59,7 @@ BAD_VALUES = [
     ("eval.budget_seconds=-1", "eval.budget_seconds"),
     ("eval.ttt.lr=nan", "ttt.lr"),
     ("eval.ttt.method=lora", "doc_isolation=true"),       # was found only when the eval stage started
+    ("eval.ttt.lora_layout=slots", "ttt.lora_layout"),
     ("average.swa_stride=0", "average.swa_stride"),
     ("average.method=mean", "average.method"),
     ("compliance.train_limit_s=nan", "compliance.train_limit_s"),
