@@ -86,6 +86,7 @@ def record() -> PipelineConfig:
         train=TrainConfig(model=model, seed=42, max_seconds=588.0, seq_len=2048, batch_tokens=786_432,
                           micro_batch_tokens=98_304, matrix_lr=0.026, embed_lr=0.03, scalar_lr=0.02,
                           adam_beta2=0.99, embed_weight_decay=0.085, scalar_weight_decay=0.02, grad_clip=0.3,
+                          clip_scope="local",
                           muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
                           muon_weight_decay=0.095, muon_schedule="polar_express", muon_row_norm=True,
                           warmdown_frac=0.85, min_lr_frac=0.10, ema_decay=0.9965, recur_from_frac=0.35,

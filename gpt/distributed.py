@@ -24,6 +24,22 @@ class Ranks:
             dist.destroy_process_group()
 
 
+def average_grads(params: list[torch.Tensor], world: int) -> None:
+    """Every rank's gradients replaced by their mean over the ranks: one all-reduce per dtype, over a flat copy."""
+    by_dtype: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def start_distributed(device: torch.device) -> Ranks:
     """Join torchrun's process group (NCCL on GPUs, gloo on the CPU) when WORLD_SIZE > 1; on the CPU, share the
     cores between the processes of this machine."""

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from . import checks
 from .devices import resolve_device
 from .diskio import TORCH_WRITE_FAILED, disk_refusal
-from .distributed import Ranks, start_distributed
+from .distributed import Ranks, average_grads, start_distributed
 from .losses import fused_softcap_cross_entropy
 from .model import GPT, Linear, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
@@ -67,6 +67,9 @@ class TrainConfig:
     warmdown_frac: float = 0.25    # final fraction of the budget (time or steps) with LR decaying linearly
     min_lr_frac: float = 0.0       # LR floor during warmdown, as a fraction of the peak
     grad_clip: float = 0.0         # global grad-norm clip (0 = off)
+    # global: the norm of the gradient averaged over the processes. local (the records on 8 GPUs): each process
+    # clips its own gradient before the average, so a noisier per-GPU gradient is clipped harder; one process: the same
+    clip_scope: str = "global"
     ema_decay: float = 0.0         # EMA of the weights (0 = off; records: 0.9965)
     swa_every: int = 50            # save a checkpoint every N steps during warmdown (0 = none)
     compile_warmup_steps: int = 20  # steps run before the clock starts to compile and warm up, then undone
@@ -84,7 +87,7 @@ class TrainConfig:
 
     def __post_init__(self):
         checks.choices(self, "train", {"muon_schedule": ("ns5", "polar_express"), "device": ("auto", "cpu", "cuda"),
-                                       "loader": ("stream", "shard_spans"),
+                                       "loader": ("stream", "shard_spans"), "clip_scope": ("global", "local"),
                                        "compile": ("auto", "on", "off"), "fused_loss": ("auto", "on", "off")})
         checks.ints(self, "train", ("seq_len", "batch_tokens", "micro_batch_tokens", "nproc", "log_every"), 1)
         checks.ints(self, "train", ("seed",), -2**63)
@@ -433,15 +436,21 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         xs, ys = self.stream.next_batch(self.local_tokens, cfg.seq_len, self.device)
         rows = self.micro // cfg.seq_len
+        local_clip = cfg.grad_clip > 0 and cfg.clip_scope == "local" and self.ranks.distributed
         for i in range(self.grad_accum):
             x, y = xs[i * rows:(i + 1) * rows], ys[i * rows:(i + 1) * rows]
             last = i == self.grad_accum - 1
-            sync = self.fwd.no_sync() if self.ranks.distributed and not last else contextlib.nullcontext()
+            # DDP averages in the last backward; a local clip needs this rank's own gradient first
+            deferred = self.ranks.distributed and (local_clip or not last)
+            sync = self.fwd.no_sync() if deferred else contextlib.nullcontext()
             with sync, self.autocast:
                 loss = self.fwd(x, y) / self.grad_accum
             loss.backward()
             total += loss.detach()
-        if cfg.grad_clip > 0:
+        if local_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            average_grads(list(self.model.parameters()), self.ranks.world)
+        elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         frac = min(step / max(1, cfg.muon_momentum_warmup_steps), 1.0)
         for g in self.muon.param_groups:

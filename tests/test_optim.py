@@ -100,3 +100,43 @@ def test_the_deal_balances_matrix_sizes_over_ranks():
     assert owner == opt.owners(params, 2)  # deterministic
     assert abs(load[0] - load[1]) <= max(p.numel() for p in params)
     assert opt.owners(params, 1) == [0] * len(params)
+
+
+def _clip_worker(rank: int, world: int, port: int, out: str) -> None:
+    from gpt.distributed import average_grads
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        params = make_params()
+        set_grads(params, 10 + rank)  # each rank its own gradient
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        average_grads(params, world)
+        torch.save([p.grad for p in params], f"{out}/clip{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_local_clipping_averages_each_ranks_clipped_gradient(tmp_path):
+    """train.clip_scope=local: clip on every rank, then average (the records on 8 GPUs), not clip the average."""
+    mp.spawn(_clip_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"clip{r}.pt") for r in range(2)]
+    clipped = []
+    for rank in range(2):
+        params = make_params()
+        set_grads(params, 10 + rank)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clipped.append([p.grad for p in params])
+    for i in range(len(SHAPES)):
+        torch.testing.assert_close(got[0][i], got[1][i], rtol=0, atol=0)  # every rank holds the same mean
+        torch.testing.assert_close(got[0][i], (clipped[0][i] + clipped[1][i]) / 2)
+    # and it is not what a global clip gives: clipping the average of the raw gradients
+    raw = []
+    for rank in range(2):
+        params = make_params()
+        set_grads(params, 10 + rank)
+        raw.append([p.grad for p in params])
+    averaged = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+    for p, a, b in zip(averaged, *raw):
+        p.grad = (a + b) / 2
+    torch.nn.utils.clip_grad_norm_(averaged, 1.0)
+    assert not all(torch.allclose(g, p.grad) for g, p in zip(got[0], averaged))

@@ -34,6 +34,7 @@ def test_the_preset_says_what_the_record_runs():
     assert (m.rope_dims, m.qk_gain_init, m.xsa, m.ln_scale, m.smear_gate) == (16, 5.0, True, True, True)
     assert (t.grad_clip, t.embed_lr, t.scalar_lr, t.matrix_lr, t.adam_beta2) == (0.3, 0.03, 0.02, 0.026, 0.99)
     assert (t.embed_weight_decay, t.scalar_weight_decay, t.muon_weight_decay) == (0.085, 0.02, 0.095)
+    assert (t.loader, t.clip_scope) == ("shard_spans", "local")
     assert (t.muon_momentum, t.muon_momentum_warmup_start, t.muon_momentum_warmup_steps) == (0.97, 0.92, 1500)
     assert (t.warmdown_frac, t.min_lr_frac, t.ema_decay, t.recur_from_frac, t.warmup_steps) == (0.85, 0.1, 0.9965, 0.35, 0)
     assert (q.bits, q.embed_bits, q.attn_clip, q.mlp_clip, q.embed_clip, q.lqer_rank) == (6, 7, "sd:13", "sd:11.5", "sd:14", 4)

@@ -34,6 +34,18 @@ def test_two_processes_follow_the_single_process_loss_curve(store, fast_cfg):
     assert losses(a) == pytest.approx(losses(b), rel=2e-3)
 
 
+def test_two_processes_clip_their_own_gradients_with_clip_scope_local(store, fast_cfg):
+    """The records' per-GPU clip under torchrun: the first step's loss is the global clip's (same weights, same
+    batch), the next ones differ once a clip that binds acts on each rank's own, noisier, gradient."""
+    two = apply_overrides(fast_cfg, ["train.max_steps=3", "train.nproc=2", "train.grad_clip=0.05"])
+    local = apply_overrides(two, ["train.clip_scope=local"])
+    a = {r.artifact.stage: r.artifact for r in run_pipeline(two, store, until="train")}["train"]
+    b = {r.artifact.stage: r.artifact for r in run_pipeline(local, store, until="train")}["train"]
+    la, lb = losses(a), losses(b)
+    assert b.metrics["world_size"] == 2 and la[0] == pytest.approx(lb[0], rel=1e-6)
+    assert all(abs(x - y) > 1e-6 for x, y in zip(la[1:], lb[1:])), (la, lb)
+
+
 def test_a_killed_run_resumes_from_its_last_snapshot(store):
     tok = run_stage(tokenize.STAGE, tokenize.TokenizeConfig(), {}, store).artifact
     cmd = [sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "train", "--input", f"tokenize={tok.key}",
