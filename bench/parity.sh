@@ -9,6 +9,9 @@
 #                WHICH=record SIDE=golf      STEPS=100 ISOLATE=1 bash bench/parity.sh   (throughput, documents isolated)
 #   here, after: python bench/parity_compare.py --which record <the fetched parity folders> --out bench/results/parity
 #
+# STOP_AFTER=N ends either side after N steps of the STEPS-step schedule (every step logged): for the isolating runs,
+# e.g. STOP_AFTER=30 TAG=nofuse EXTRA="--set train.fused_loss=off" on golf's side, the same on the reference's.
+#
 # Reference side: ../shared/reference/scripts/run_reference.sh (its settings; PREQUANT_ONLY=1 ends the record
 # script after its raw and post-EMA scores, before GPTQ). Golf side: `golf run --no-prefect --preset WHICH` with a
 # step-based schedule, the final weights (no averaging), round-to-nearest quantization (only its pre-quantization
@@ -18,6 +21,7 @@
 # (documents isolated) for the throughput comparison. Logs land in $OUT/parity/.
 set -u
 WHICH=${WHICH:-record}; SIDE=${SIDE:-golf}; STEPS=${STEPS:-200}; SEED=${SEED:-42}; ISOLATE=${ISOLATE:-0}
+STOP_AFTER=${STOP_AFTER:-0}; TAG=${TAG:-}
 export OUT=${OUT:-/tmp/out}; P=$OUT/parity; mkdir -p "$P"
 export CORPUS=.ref PARTS=0
 source bench/gpu_setup.sh
@@ -25,30 +29,42 @@ nvidia-smi -L > "$P/gpu.txt" 2>&1; python3 -c "import torch; print('torch', torc
 if [ "$SIDE" = reference ]; then
   # PREQUANT_ONLY=1 ends the record script after its post-EMA score, but its process then lingers until
   # run_reference.sh's timeout: stop it once that line is written (the baseline exits by itself)
-  setsid env PREQUANT_ONLY=1 bash .ref/scripts/run_reference.sh "$WHICH" "$STEPS" "$SEED" > "$P/reference_run.txt" 2>&1 &
+  every=10; [ "$STOP_AFTER" -gt 0 ] && every=1
+  done_at="post-ema"; [ "$STOP_AFTER" -gt 0 ] && done_at="^$STOP_AFTER/$STEPS train_loss"
+  setsid env PREQUANT_ONLY=1 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference.sh "$WHICH" "$STEPS" "$SEED" \
+    > "$P/reference_run.txt" 2>&1 &
   ref=$!  # its own process group: stopped as one, nothing else on the machine touched
   while kill -0 $ref 2>/dev/null; do
-    if grep -q "post-ema" "$OUT/reference_$WHICH.log" 2>/dev/null; then
+    if grep -q "$done_at" "$OUT/reference_$WHICH.log" 2>/dev/null; then
       sleep 2; kill -TERM -- -$ref 2>/dev/null; break
     fi
     sleep 5
   done
   wait $ref
-  mv "$OUT/reference_$WHICH.log" "$P/reference_${WHICH}_seed$SEED.log"
-  tail -5 "$P/reference_${WHICH}_seed$SEED.log"
+  mv "$OUT/reference_$WHICH.log" "$P/reference_${WHICH}_seed$SEED$TAG.log"
+  tail -5 "$P/reference_${WHICH}_seed$SEED$TAG.log"
   exit 0
 fi
 seq=2048; extra=()
 if [ "$WHICH" = baseline ]; then seq=1024; extra=(--set train.warmdown_frac=0.25); fi
-iso=false; tag=golf_${WHICH}_seed$SEED; [ "$ISOLATE" = 1 ] && iso=true && tag=${tag}_isolated
-python3 -m golf.cli run --no-prefect --preset "$WHICH" --until eval \
+iso=false; tag=golf_${WHICH}_seed$SEED$TAG; [ "$ISOLATE" = 1 ] && iso=true && tag=${tag}_isolated
+until=eval; [ "$STOP_AFTER" -gt 0 ] && until=train && export GOLF_STORE=/tmp/golf-store-$tag  # its own work dir
+setsid python3 -m golf.cli run --no-prefect --preset "$WHICH" --until $until \
   --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers="$(nproc)" \
   --set train.max_steps="$STEPS" --set train.max_seconds=100000 --set train.seed="$SEED" \
   --set train.model.doc_isolation=$iso --set average.method=final --set quantize.method=rtn \
   --set quantize.fail_over_cap=false --set eval.seq_len=$seq --set eval.stride=0 --set eval.doc_isolation=false \
-  --set eval.ttt.method=none --set eval.no_ttt_diagnostic=false "${extra[@]}" ${EXTRA:-} > "$P/$tag.txt" 2>&1
+  --set eval.ttt.method=none --set eval.no_ttt_diagnostic=false "${extra[@]}" ${EXTRA:-} > "$P/$tag.txt" 2>&1 &
+golf=$!
+while [ "$STOP_AFTER" -gt 0 ] && kill -0 $golf 2>/dev/null; do  # stop after STOP_AFTER logged steps
+  n=$(cat "$GOLF_STORE"/work/train-*/metrics.live.jsonl 2>/dev/null | wc -l)
+  [ "$n" -ge "$STOP_AFTER" ] && { kill -TERM -- -$golf; sleep 5; kill -KILL -- -$golf 2>/dev/null; break; }
+  sleep 2
+done
+wait $golf
 echo "golf exit $?" | tee -a "$P/$tag.txt"
 mkdir -p "$P/$tag"
+cp "$(ls -td "$GOLF_STORE"/work/train-* 2>/dev/null | head -1)/metrics.live.jsonl" "$P/$tag/" 2>/dev/null
 for s in train eval; do
   d=$(ls -td "$GOLF_STORE"/objects/$s-* 2>/dev/null | head -1); [ -n "$d" ] || continue
   cp "$d"/*.json "$d"/metrics.jsonl "$P/$tag/" 2>/dev/null

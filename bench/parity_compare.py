@@ -44,7 +44,10 @@ def read_reference(path: Path, batch: int) -> dict:
 
 
 def read_golf(folder: Path) -> dict:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = folder / "metrics.jsonl"
+    if not metrics.exists():  # a run stopped after STOP_AFTER steps: its live log
+        metrics = folder / "metrics.live.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not rows:
         raise SystemExit(f"{folder}/metrics.jsonl is empty")
     val = None
