@@ -53,6 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         full_after = resumed.full_state_dict()
         torch.save({"params": [p.detach() for p in params], "full": full, "full_after": full_after, "owned": owned},
                    f"{out}/rank{rank}.pt")
+        dist.barrier()  # neither rank leaves while the other's gloo threads still talk to it (seen: SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -112,6 +113,7 @@ def _clip_worker(rank: int, world: int, port: int, out: str) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         average_grads(params, world)
         torch.save([p.grad for p in params], f"{out}/clip{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
