@@ -15,6 +15,7 @@ A systematic loss difference here is a difference of maths; none here and one on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -106,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--emb-bf16", action="store_true", help="the reference's embedding in bf16, as its GPU run keeps it")
+    ap.add_argument("--fused-loss", action="store_true", help="golf trains through its fused softcap loss, as on a GPU")
+    ap.add_argument("--bf16", action="store_true", help="both under bf16 autocast with a bf16 residual stream, as on a "
+                                                       "GPU (golf casts its embedding output; the reference's is bf16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     dim, heads, kv, vocab = args.dim, 8, 4, 1024
@@ -136,8 +140,14 @@ def main(argv=None) -> int:
     golf = GPT(cfg)
     r = ref.GPT(ref.Hyperparameters()).float()
     copy_into_reference(golf, r)
-    if args.emb_bf16:
+    if args.emb_bf16 or args.bf16:
         r.tok_emb.weight.data = r.tok_emb.weight.data.bfloat16()
+    if args.bf16:  # what golf's hidden() does on CUDA under autocast: the residual stream in the autocast dtype
+        golf.embed.register_forward_hook(lambda module, inputs, out: out.to(torch.bfloat16))
+    precision = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
+    if args.fused_loss:
+        from gpt.losses import fused_softcap_cross_entropy
+        golf.loss_fn = fused_softcap_cross_entropy
     g_opts = build_optimizers(t, golf, torch.device("cpu"))
     r_opts, r_muon = reference_optimizers(ref, r, t)
     tokens = np.fromfile(SAMPLE, dtype=np.uint16)[512:].astype(np.int64)
@@ -152,7 +162,8 @@ def main(argv=None) -> int:
         losses = []
         for model, opts, muon in ((golf, g_opts, g_opts[0]), (r, r_opts, r_muon)):
             golf.recurrence_active = r.looping_active = step >= args.steps // 2
-            loss = model(x, y)
+            with precision():
+                loss = model(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), t.grad_clip)
             for group in muon.param_groups:
