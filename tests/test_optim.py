@@ -58,6 +58,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def spawn_ranks(fn, out, files: list[str], world: int = 2) -> None:
+    """mp.spawn, tolerating one known gloo flake: a rank aborting ("terminate called without an active exception")
+    while the process group is torn down, after every rank has written its results (seen only late in a full
+    suite run). An abort before that, or any other failure, still fails the test."""
+    try:
+        mp.spawn(fn, args=(world, free_port(), str(out)), nprocs=world)
+    except mp.ProcessExitedException as e:
+        if e.signal_name != "SIGABRT" or not all((out / f).exists() for f in files):
+            raise
+        import warnings
+        warnings.warn(f"rank {e.error_index} aborted in gloo's teardown after writing its results")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,7 +87,7 @@ def test_sharded_muon_gives_the_single_process_result_also_after_a_resume(tmp_pa
     run_steps(ref, params, range(3))
     ref_at_3 = buffers(ref.state_dict())
     run_steps(ref, params, range(3, 5))
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    spawn_ranks(_worker, tmp_path, ["rank0.pt", "rank1.pt"])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     # each rank did the work for its own matrices only, and together they did all of it
     owned = [set(r["owned"]) for r in ranks]
@@ -120,7 +133,7 @@ def _clip_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_local_clipping_averages_each_ranks_clipped_gradient(tmp_path):
     """train.clip_scope=local: clip on every rank, then average (the records on 8 GPUs), not clip the average."""
-    mp.spawn(_clip_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    spawn_ranks(_clip_worker, tmp_path, ["clip0.pt", "clip1.pt"])
     got = [torch.load(tmp_path / f"clip{r}.pt") for r in range(2)]
     clipped = []
     for rank in range(2):
