@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -50,6 +51,12 @@ def main(argv: list[str]) -> None:
         inputs[role] = Artifact(Path(path), json.loads((Path(path) / MANIFEST).read_text()))
     cfg = config_from_dict(stage.config, json.loads(a.config_json), stage.name)
     stage.build(cfg, inputs, StageContext(key=a.key, dir=a.dir, work=a.work))
+    # the rank's results are on disk: leave without running destructors, since torch.distributed's can deadlock
+    # at exit (gpt.training.KEEP_UNTIL_EXIT says how)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ if [ "$SIDE" = reference ]; then
   # run_reference.sh's timeout: stop it once that line is written (the baseline exits by itself)
   every=10; [ "$STOP_AFTER" -gt 0 ] && every=1
   done_at="post-ema"; [ "$STOP_AFTER" -gt 0 ] && done_at="^$STOP_AFTER/$STEPS train_loss"
-  setsid env PREQUANT_ONLY=1 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference.sh "$WHICH" "$STEPS" "$SEED" \
+  # REF_WARMUP_STEPS=N replaces run_reference.sh's WARMUP_STEPS=20 (the record's compile warm-up, which leaves its
+  # sharded Muon momentum primed: see BENCHMARKS.md "Record parity"), in a copy beside it so its paths still hold
+  sed "s/WARMUP_STEPS=20 /WARMUP_STEPS=${REF_WARMUP_STEPS:-20} /" .ref/scripts/run_reference.sh > .ref/scripts/run_reference_w.sh
+  setsid env PREQUANT_ONLY=1 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference_w.sh "$WHICH" "$STEPS" "$SEED" \
     > "$P/reference_run.txt" 2>&1 &
   ref=$!  # its own process group: stopped as one, nothing else on the machine touched
   while kill -0 $ref 2>/dev/null; do

@@ -90,7 +90,7 @@ def record() -> PipelineConfig:
                           muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
                           muon_weight_decay=0.095, muon_schedule="polar_express", muon_row_norm=True,
                           warmdown_frac=0.85, min_lr_frac=0.10, ema_decay=0.9965, recur_from_frac=0.35,
-                          swa_every=50, loader="shard_spans"),
+                          swa_every=50, loader="shard_spans", warmup_primes_muon=True),
         average=AverageConfig(method="ema"),
         quantize=QuantizeConfig(method="gptq", bits=6, embed_bits=7, clip="sd:12.85", attn_clip="sd:13",
                                 mlp_clip="sd:11.5", embed_clip="sd:14", compressor="best", shuffle="try",

@@ -73,6 +73,12 @@ class TrainConfig:
     ema_decay: float = 0.0         # EMA of the weights (0 = off; records: 0.9965)
     swa_every: int = 50            # save a checkpoint every N steps during warmdown (0 = none)
     compile_warmup_steps: int = 20  # steps run before the clock starts to compile and warm up, then undone
+    # (a model with a recurrence runs them once per graph: without it, then with it)
+    # the record's warm-up restores the weights and Adam but not Muon's momentum (its sharded Muon keeps the buffers
+    # outside the optimizer state), so its training starts with momentum built by the warm-up steps; measured on
+    # one H200 this is worth 0.13-0.2 nats of train loss from step 20 to 200 (BENCHMARKS.md "Record parity").
+    # True does the same here, and runs the warm-up even without compile, since it now changes the result
+    warmup_primes_muon: bool = False
     # how batches are cut from the shards. stream (the official baseline's): one contiguous span per step, the next
     # starting at its last target, running on across shards. shard_spans (the records'): every micro-batch its own
     # span from the shard's first BOS on, a span that does not fit skips the shard's tail, after the last shard
@@ -464,21 +470,27 @@ class Trainer:
 
     # --- compile warm-up: steps run, then the initial state restored (not counted, as the records do) ---------
     def warm_up(self) -> None:
-        n = self.cfg.compile_warmup_steps
-        if not (n and self.compiled):
+        n, prime = self.cfg.compile_warmup_steps, self.cfg.warmup_primes_muon
+        if not n or not (self.compiled or prime):
             return
         t = time.perf_counter()
         if self.master:
-            log.info("compiling: %d warm-up steps, then the state is restored (not timed)", n)
+            log.info("compiling: %d warm-up steps per graph, then the state is restored%s (not timed)", n,
+                     ", all but Muon's momentum" if prime else "")
         init, opt_init, loader_init = cpu_state(self.model), [o.state_dict() for o in self.optimizers], \
             self.stream.state()
-        for s in range(n):
-            if self.mcfg.has_recurrence:  # compile both graphs now, so the switch costs nothing later
-                self.model.recurrence_active = s >= n // 2
-            self.step(s, 1.0)
+        # a recurrence compiles both graphs now, so the switch costs nothing later; each pass counts its steps
+        # from 0, as the record's warm-up does (the momentum schedule reads the step)
+        initially = self.model.recurrence_active
+        for recurrence in ((False, True) if self.mcfg.has_recurrence else (initially,)):
+            self.model.recurrence_active = recurrence
+            for s in range(n):
+                self.step(s, 1.0)
+        self.model.recurrence_active = initially
         self.model.load_state_dict(init)
         for opt, sd in zip(self.optimizers, opt_init):
-            opt.load_state_dict(sd)
+            if not (prime and opt is self.muon):
+                opt.load_state_dict(sd)
         self.stream.load_state(loader_init)
         self.warmup_seconds = time.perf_counter() - t
         if self.master:
@@ -698,4 +710,13 @@ def train(cfg: TrainConfig, train_shards: list[Path], vocab_size: int, out: Path
     trainer.set_up()
     trainer.warm_up()
     trainer.resume()
-    return trainer.finish(trainer.run())
+    result = trainer.finish(trainer.run())
+    if trainer.ranks.distributed:
+        # never freed: freeing DDP's reducer destroys the gloo group, whose destructor joins a gloo thread that
+        # waits for the GIL this thread holds (seen: a 2-process CPU test hung there for 14 min after writing its
+        # results). A torchrun rank leaves soon after, by os._exit (artifacts.worker), without destructors
+        KEEP_UNTIL_EXIT.append(trainer)
+    return result
+
+
+KEEP_UNTIL_EXIT: list = []

@@ -239,3 +239,33 @@ def test_golf_and_the_record_script_agree_on_the_cpu():
     assert forward == [0.0, 0.0], out.stdout
     diffs = [float(x) for x in re.findall(r"step +\d+ .* diff ([+-]\d+\.\d+)", out.stdout)]
     assert len(diffs) == 6 and max(map(abs, diffs)) < 0.01, out.stdout
+
+
+@pytest.mark.parametrize("prime", [True, False])
+def test_the_warm_up_leaves_muon_momentum_primed_and_nothing_else(tmp_path, prime):
+    """The record's warm-up undoes its steps except for Muon's momentum (the parity gap of BENCHMARKS.md)."""
+    from gpt.shards import write_shard
+    from gpt.training import Muon, Trainer
+    tokens = np.random.default_rng(0).integers(2, 96, 4096).astype(np.uint16)
+    tokens[::100] = 1
+    write_shard(tmp_path / "train.bin", tokens)
+    cfg = dataclasses.replace(RECORD.train, model=small_record(), seq_len=32, batch_tokens=64, micro_batch_tokens=64,
+                              compile="off", device="cpu", compile_warmup_steps=2, warmup_primes_muon=prime)
+    assert RECORD.train.warmup_primes_muon and not preset("baseline").train.warmup_primes_muon
+    trainer = Trainer(cfg, [tmp_path / "train.bin"], 96, tmp_path / "out", tmp_path / "work")
+    trainer.set_up()
+    init = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    stream, active, steps = trainer.stream.state(), trainer.model.recurrence_active, []
+    trainer.step = lambda s, lr, step=trainer.step: steps.append((s, trainer.model.recurrence_active)) or step(s, lr)
+    trainer.warm_up()
+    if not prime:  # without compile there is nothing to warm up
+        assert steps == [] and all(not o.state for o in trainer.optimizers)
+        return
+    # 2 steps without the loop, 2 with it, each pass counting from 0 as the momentum schedule expects
+    assert steps == [(0, False), (1, False), (0, True), (1, True)]
+    assert all(torch.equal(v, init[k]) for k, v in trainer.model.state_dict().items())
+    assert trainer.stream.state() == stream and trainer.model.recurrence_active == active
+    muon, adams = trainer.optimizers[0], trainer.optimizers[1:]
+    assert isinstance(muon, Muon) and all(not o.state for o in adams)
+    bufs = [muon.state[p]["momentum_buffer"] for g in muon.param_groups for p in g["params"]]
+    assert len(bufs) == sum(len(g["params"]) for g in muon.param_groups) and all(b.abs().sum() > 0 for b in bufs)
