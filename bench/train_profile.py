@@ -18,7 +18,7 @@ import torch
 
 from golf.config import apply_overrides, preset
 from gpt.model import GPT, flops_per_token
-from gpt.training import build_optimizers, use_fused_loss
+from gpt.training import attach_kernels, build_optimizers
 
 
 def main() -> None:
@@ -41,9 +41,7 @@ def main() -> None:
     model.recurrence_active = a.recurrence == "on" and mcfg.has_recurrence
     if a.eager_embed:  # aten's sort-based embedding backward instead of inductor's atomic scatter-add
         model.embed.forward = torch.compiler.disable(model.embed.forward)
-    if use_fused_loss(cfg, mcfg, dev):  # the train stage's rule and optimizers, so the profile is its step
-        from gpt.losses import fused_softcap_cross_entropy
-        model.loss_fn = fused_softcap_cross_entropy
+    kernels = attach_kernels(model, cfg, dev)  # the train stage's rules and optimizers, so the profile is its step
     muon, adam = build_optimizers(cfg, model, dev)
     fwd = torch.compile(model, dynamic=False)
     accum = cfg.batch_tokens // cfg.micro_batch_tokens
@@ -70,6 +68,7 @@ def main() -> None:
         opt()
     torch.cuda.synchronize()
     warm = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()  # the timed steps' peak: what the fused loss should lower
     ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
     fb_ms, opt_ms = [], []
     for _ in range(a.steps):
@@ -85,11 +84,12 @@ def main() -> None:
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     step_ms = med(fb_ms) + med(opt_ms)
     tok_s = cfg.batch_tokens / (step_ms / 1e3)
-    res = {"label": a.label, "fused_loss": hasattr(model, "loss_fn"), "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+    res = {"label": a.label, "fused_loss": hasattr(model, "loss_fn"), "kernels": kernels, "recurrence": model.recurrence_active, "model": dataclasses.asdict(mcfg), "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
            "warmup_s": round(warm, 1), "fwd_bwd_ms": round(med(fb_ms), 2), "optimizer_ms": round(med(opt_ms), 2),
            "step_ms": round(step_ms, 2), "tokens_per_s": round(tok_s),
            "tflops_per_s": round(tok_s * flops_per_token(mcfg, cfg.seq_len, model.recurrence_active) / 1e12, 1),
-           "params_m": round(model.num_params() / 1e6, 2)}
+           "params_m": round(model.num_params() / 1e6, 2),
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fb()
         opt()

@@ -307,6 +307,9 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
+        act_fn = getattr(self, "act_fn", None)  # the train stage's fused leaky-relu^2 kernel, when it picks one
+        if act_fn is not None and self.leaky:
+            return self.proj(act_fn(h))
         h = F.leaky_relu(h, 0.5) if self.leaky else F.relu(h)
         return self.proj(h.square())
 

@@ -32,6 +32,7 @@ from . import checks
 from .devices import resolve_device
 from .diskio import TORCH_WRITE_FAILED, disk_refusal
 from .distributed import Ranks, average_grads, start_distributed
+from .kernels import KERNEL_CHOICES, use_triton
 from .losses import fused_softcap_cross_entropy
 from .model import GPT, Linear, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
@@ -88,13 +89,20 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     compile: str = "auto"          # auto (on for cuda) | on | off
     fused_loss: str = "auto"       # fuse projection + softcap + cross-entropy: auto (cuda and vocab >= 4096) | on | off
+    # Triton kernels (gpt/kernels); torch by default until bench/kernels_bench.py shows them faster at the shapes.
+    # ce_kernel=triton switches the fused loss on (it is one), so fused_loss=off with it is refused
+    ce_kernel: str = "torch"       # the fused loss's: triton | torch (losses.py) | auto (triton on CUDA if it imports)
+    mlp_kernel: str = "torch"      # leaky_relu2's: triton | torch (inductor) | auto (triton on CUDA if it imports)
     resume_every_s: float = 60.0   # seconds between resumable snapshots in the store's work dir
     log_every: int = 10
 
     def __post_init__(self):
         checks.choices(self, "train", {"muon_schedule": ("ns5", "polar_express"), "device": ("auto", "cpu", "cuda"),
                                        "loader": ("stream", "shard_spans"), "clip_scope": ("global", "local"),
-                                       "compile": ("auto", "on", "off"), "fused_loss": ("auto", "on", "off")})
+                                       "compile": ("auto", "on", "off"), "fused_loss": ("auto", "on", "off"),
+                                       "ce_kernel": KERNEL_CHOICES, "mlp_kernel": KERNEL_CHOICES})
+        checks.need(not (self.ce_kernel == "triton" and self.fused_loss == "off"),
+                    "train.ce_kernel=triton is the fused loss's kernel, but train.fused_loss=off turns that loss off")
         checks.ints(self, "train", ("seq_len", "batch_tokens", "micro_batch_tokens", "nproc", "log_every"), 1)
         checks.ints(self, "train", ("seed",), -2**63)
         checks.ints(self, "train", ("max_steps", "muon_momentum_warmup_steps", "warmup_steps", "swa_every",
@@ -273,7 +281,30 @@ def split_params(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
 
 def use_fused_loss(cfg: TrainConfig, mcfg: ModelConfig, device: torch.device) -> bool:
     # measured on an H100: +4% tokens/s at vocab 8192, -9% at vocab 1024 (small logits fuse well anyway)
-    return cfg.fused_loss == "on" or (cfg.fused_loss == "auto" and device.type == "cuda" and mcfg.vocab_size >= 4096)
+    return cfg.fused_loss == "on" or cfg.ce_kernel == "triton" or (
+        cfg.fused_loss == "auto" and device.type == "cuda" and mcfg.vocab_size >= 4096)
+
+
+def attach_kernels(model: GPT, cfg: TrainConfig, device: torch.device) -> dict[str, str]:
+    """Plug the config's loss and MLP activation into the model; what runs, for the log and train.json.
+
+    ce: triton (the fused loss through gpt/kernels/softcap_ce) | torch-fused (gpt/losses.py) | torch (plain
+    logits + F.cross_entropy). mlp: triton | torch | none (relu^2 has no kernel). The kernel modules import
+    triton, so they are imported only when picked."""
+    mcfg = model.cfg
+    ce = "torch"
+    if use_fused_loss(cfg, mcfg, device):
+        ce, model.loss_fn = "torch-fused", fused_softcap_cross_entropy
+        if use_triton(cfg.ce_kernel, device):
+            from .kernels.softcap_ce import fused_softcap_cross_entropy as triton_ce
+            ce, model.loss_fn = "triton", triton_ce
+    mlp = "none" if mcfg.mlp_activation != "leaky_relu2" else "torch"
+    if mlp == "torch" and use_triton(cfg.mlp_kernel, device):
+        from .kernels.leaky_relu2 import leaky_relu2
+        for block in model.blocks:
+            block.mlp.act_fn = leaky_relu2
+        mlp = "triton"
+    return {"ce": ce, "mlp": mlp}
 
 
 def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device, shard: bool = False) -> list:
@@ -418,8 +449,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.mcfg).to(device)
-        if use_fused_loss(cfg, self.mcfg, device):
-            self.model.loss_fn = fused_softcap_cross_entropy
+        self.kernels = attach_kernels(self.model, cfg, device)
         self.optimizers = build_optimizers(cfg, self.model, device, shard=self.ranks.distributed)
         self.muon = self.optimizers[0]
         for opt in self.optimizers:
@@ -520,8 +550,8 @@ class Trainer:
             self.live.writelines(json.dumps(m) + "\n" for m in self.metrics)
             log.info("model %s: %.2fM params; %d processes on %s; grad accumulation %d; compile=%s", self.mcfg,
                      self.model.num_params() / 1e6, self.ranks.world, self.device, self.grad_accum, self.compiled)
-            log.info("attention: %s; fused loss: %s", attention_backend(self.mcfg, self.device),
-                     hasattr(self.model, "loss_fn"))
+            log.info("attention: %s; fused loss: %s; kernels: %s", attention_backend(self.mcfg, self.device),
+                     hasattr(self.model, "loss_fn"), self.kernels)
 
     def snapshot(self, elapsed: float) -> None:
         """Everything a rerun needs to go on from this step (a collective: every rank calls it)."""
@@ -699,6 +729,7 @@ class Trainer:
             "params": self.model.num_params(), "world_size": world, "device": str(self.device.type),
             "grad_accum": self.grad_accum, "compiled": self.compiled, "resumed_from_step": self.resumed_from,
             "attention": attention_backend(self.mcfg, self.device), "fused_loss": hasattr(self.model, "loss_fn"),
+            "kernels": self.kernels,
             "checkpoints": sorted(p.name for p in self.ckpt_dir.glob("*.pt")) if self.master else [],
             "model_config": dataclasses.asdict(self.mcfg),
         }
