@@ -31,7 +31,7 @@ from .store import (Artifact, ArtifactCorrupt, ArtifactStore, StoreError, comput
                     utc_now, write_failure)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CODE_PACKAGES = ("stages", "gpt", "tokenizing", "shipping", "runtime")  # a stage's digest covers the modules it imports from these
+CODE_PACKAGES = ("stages", "gpt", "tokenizing", "shipping", "runtime", "reporting")  # a stage's digest covers the modules it imports from these
 EXTERNAL_HASH_LIMIT = 512 << 20  # hash external inputs up to 512 MiB in total; larger: size + mtime
 
 log = logging.getLogger("golf")

@@ -16,7 +16,7 @@ from golf.prefect_env import configure_prefect
 configure_prefect()
 
 from prefect import flow, task  # noqa: E402  (the environment must be set before prefect is imported)
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from artifacts import ArtifactStore, run_stage  # noqa: E402
@@ -52,7 +52,20 @@ def stage_task(stage_name: str, config: dict, input_keys: dict[str, str], store_
         report = res.artifact.file("report.md").read_text()
         create_markdown_artifact(key="golf-compliance-report", markdown=report,
                                  description=f"compliance {res.artifact.metrics.get('verdict')}")
+        link_run_report(res.artifact)
     return summary
+
+
+def link_run_report(artifact) -> None:
+    """A link artifact to the compliance artifact's report.html (the run's page: `golf report`), when it has one.
+    A file:// link: the page lives in the store, which the UI's browser may or may not reach, so the path is
+    also the link's text."""
+    if "report.html" not in artifact.manifest.get("files", {}):
+        return
+    page = artifact.file("report.html").resolve()
+    create_link_artifact(key="golf-run-report", link=page.as_uri(), link_text=str(page),
+                         description=f"the run's report page ({artifact.key}); `golf report {artifact.key} OTHER_KEYS` "
+                                     f"draws it again beside other runs")
 
 
 def run_stages(names: list[str], configs: dict[str, object], keys: dict[str, str], store_root: str,

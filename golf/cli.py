@@ -6,6 +6,7 @@
     golf artifacts ls | show KEY | verify KEY | path KEY
     golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
+    golf report KEY [KEY ...] [--out report.html] [--against KEY,KEY,...]   one HTML page of runs (seeds overlaid)
     golf sweep-quantize [--preset ...] [--set ...] --variant "bits=6 clip=sd:12.85" --variant ...
     golf deploy [--pool golf] [--preset NAME] [--only NAME ...]   create/update prefect.yaml's deployments
     golf serve [--preset NAME] [--only NAME ...]     serve them from this process (no work pool, no worker)
@@ -200,6 +201,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import write_report
+    from .submit import parse_keys
+    t0 = time.perf_counter()
+    out = write_report(_store(args), args.keys, Path(args.out), parse_keys(args.against) if args.against else [])
+    print(f"wrote {out} ({out.stat().st_size:,} bytes, {len(args.keys)} run{'s' if len(args.keys) > 1 else ''}, "
+          f"{time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
 def cmd_deploy(args) -> int:
     from .deployments import deploy, load_specs, parse_job_variables, preset_or_none, select
     specs = select(load_specs(Path(args.prefect_file)), args.only)
@@ -303,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threshold-nats", type=float, default=0.005, help="the gain to beat, nats per token")
     c.add_argument("--alpha", type=float, default=0.01, help="one-sided significance level")
     c.set_defaults(fn=cmd_compare)
+    rp = sub.add_parser("report", help="one self-contained HTML page of runs: curves, bytes, scores, checks, seeds")
+    rp.add_argument("keys", nargs="+", metavar="KEY", help="compliance, eval or train keys (or unique prefixes); "
+                                                          "several: seeds or variants overlaid")
+    rp.add_argument("--out", default="report.html", help="the page to write (default: report.html); nothing is opened")
+    rp.add_argument("--against", metavar="KEY,KEY,...", help="baseline runs (eval or compliance keys): adds the "
+                                                             "Welch test to the seeds section")
+    rp.set_defaults(fn=cmd_report)
 
     def deployment_args(sp):
         sp.add_argument("--preset", help=f"default parameters of every deployment from this preset ({presets}; "
@@ -331,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 # than imported: golf.config and the stages import torch, which `golf --help` and `golf artifacts` do not
 # need, and an exception of a class whose module was never imported cannot have been raised.
 USER_ERRORS = (("artifacts.configs", "ConfigError"), ("artifacts.store", "StoreError"), ("tokenizing.docs", "DataError"),
-               ("gpt.shards", "ShardError"), ("golf.submit", "SubmitError"), ("golf.deployments", "DeployError"))
+               ("gpt.shards", "ShardError"), ("golf.submit", "SubmitError"), ("golf.deployments", "DeployError"),
+               ("golf.report", "ReportError"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

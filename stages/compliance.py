@@ -96,6 +96,7 @@ class ComplianceConfig:
     leak_tolerance_nats: float = 1e-6  # largest NLL shift of the next document that counts as no leak
     leak_seed: int = 0              # seed of the random tokens that replace the previous document
     device: str = "auto"            # device for the boundary-leak test: auto | cpu | cuda
+    html_report: bool = True        # also write report.html: golf report's page of this run (plots, no network)
 
     def __post_init__(self):
         checks.choices(self, "compliance", {"device": ("auto", "cpu", "cuda")})
@@ -408,6 +409,19 @@ def write_report(checks: list[dict], out: Path, extra: dict) -> dict:
     return report
 
 
+def write_html_report(inputs: Mapping[str, Artifact], report: dict, key: str, out: Path) -> None:
+    """report.html, the run's page (reporting/: the same as `golf report` on this key), read from the inputs and
+    the report just made. A page that cannot be drawn costs a warning, never the verdict: the checks are the
+    stage's result, the page only shows them."""
+    from reporting.build import FILE, write_stage_report
+    try:
+        if write_stage_report(inputs, report, key, out / FILE):
+            log.info("wrote %s", FILE)
+    except Exception as e:  # noqa: BLE001  (a plotting failure of any kind; the message names it)
+        (out / FILE).unlink(missing_ok=True)
+        log.warning("no %s: %s: %s", FILE, type(e).__name__, e)
+
+
 def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     import sentencepiece as spm
     from gpt.shipped_eval import load_model
@@ -470,6 +484,8 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
                                             "boundary_shift": shift, "tokenizer_sha256": tokenizer_sha})
     for c in checks:
         log.info("%-16s %s  %s", c["check"], c["status"], c["evidence"])
+    if cfg.html_report:
+        write_html_report(inputs, report, ctx.key, ctx.dir)
     return {"verdict": report["verdict"], "failed": [c["check"] for c in checks if c["status"] == FAIL],
             "warnings": len(report["warnings"]), "artifact_bytes": q.metrics.get("artifact_bytes"),
             "val_bpb": ev.metrics["val_bpb"], **{f"{c['check']}_status": c["status"] for c in checks}}

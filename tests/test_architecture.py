@@ -6,6 +6,8 @@
                   the core and the store, never a stage, golf or flows
     artifacts/    the store, the stage runner, config parsing, the torchrun worker entry: runtime and the
                   core's standard-library modules (disk errors) only
+    reporting/    the run report's page (the compliance stage writes it, golf report too): the store, the core,
+                  tokenizing's Dataset; never a stage, golf or flows
     stages/       exactly the six stages; none imports another stage, golf or flows
     flows/        Prefect wiring: the config, the DAG, the stages and the store, never the CLI
     golf/cli.py   the top: nothing imports it
@@ -21,7 +23,7 @@ from pathlib import Path
 from artifacts.runner import _parse_imports
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("gpt", "tokenizing", "runtime", "shipping", "stages", "artifacts", "golf", "flows")
+PACKAGES = ("gpt", "tokenizing", "runtime", "shipping", "reporting", "stages", "artifacts", "golf", "flows")
 STAGE_MODULES = {"stages.tokenize", "stages.train", "stages.average", "stages.quantize", "stages.evaluate",
                  "stages.compliance"}
 CORE_THIRD_PARTY = {"torch", "numpy", "triton", "flash_attn", "flash_attn_interface", "brotli", "zstandard",
@@ -95,7 +97,8 @@ def test_stages_are_exactly_the_six_and_none_imports_another_stage_golf_or_flows
 def test_libraries_and_the_store_stay_below_the_stages():
     edges, _ = graph()
     below = {"tokenizing": {"gpt", "artifacts", "tokenizing"}, "runtime": {"gpt", "runtime"},
-             "shipping": {"gpt", "artifacts", "shipping", "runtime"}, "artifacts": {"artifacts", "runtime", "gpt"}}
+             "shipping": {"gpt", "artifacts", "shipping", "runtime"}, "artifacts": {"artifacts", "runtime", "gpt"},
+             "reporting": {"reporting", "artifacts", "gpt", "tokenizing"}}
     bad = [f"{m} -> {d}" for m, deps in edges.items() if top(m) in below for d in deps if top(d) not in below[top(m)]]
     assert not bad, bad
     # the store reads only standard-library modules of the core (the disk-error rules): `golf artifacts` stays light
