@@ -14,6 +14,10 @@ together behind a barrier. Its speed-up at N is the most any pipeline could get 
         --procs 1 2 --out /tmp/tokbench
     # GPU machine (16 cores, torch image: no zstandard needed if the zstd command or a .jsonl is there)
     python3 bench/tokenize_bench.py --corpus /path/part_0.jsonl.zst --procs 1 2 4 8 16 --out $OUT
+    # with a text transform: its tokenizer and --transform (the documents go through it before encoding)
+    python bench/tokenize_bench.py --corpus golf/data/fineweb_sample/docs.jsonl --procs 1 --out /tmp/tokbench \
+        --tokenizer golf/data/fineweb_sample/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model \
+        --transform caseops_v1
 """
 
 from __future__ import annotations
@@ -86,12 +90,15 @@ def cpu(who: int) -> float:
     return u.ru_utime + u.ru_stime
 
 
+TRANSFORM = "none"  # tokenize.transform of every run (--transform)
+
+
 def run_once(corpus: Path, model: Path, procs: int, tmp: Path, val_docs: int, pool=None, chunk_bytes: int = 0) -> dict:
     out = Path(tempfile.mkdtemp(dir=tmp))
     c_self, c_kids = cpu(resource.RUSAGE_SELF), cpu(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = tokenize_documents([corpus], model, out, val_docs, workers=procs, progress=False, pool=pool,
-                           chunk_bytes=chunk_bytes)
+                           chunk_bytes=chunk_bytes, transform=TRANSFORM)
     wall = time.perf_counter() - t0
     main_cpu = cpu(resource.RUSAGE_SELF) - c_self
     # workers are reaped when a run's own pool ends, so their CPU time is known for cold runs only
@@ -111,7 +118,7 @@ def run_once(corpus: Path, model: Path, procs: int, tmp: Path, val_docs: int, po
 def measure(corpus: Path, model: Path, procs: int, tmp: Path, val_docs: int, repeat: int, chunk_bytes: int) -> dict:
     """Cold and warm throughput of the stage's encoding path at one process count and chunk size."""
     cold = run_once(corpus, model, procs, tmp, val_docs, chunk_bytes=chunk_bytes)
-    pool = make_pool(procs, init_worker, (str(model),)) if procs > 1 else None
+    pool = make_pool(procs, init_worker, (str(model), TRANSFORM)) if procs > 1 else None
     try:
         if pool is not None:  # a spawned pool starts its workers in the background: one untimed pass first
             run_once(corpus, model, procs, tmp, val_docs, pool, chunk_bytes)
@@ -178,9 +185,12 @@ def main() -> None:
     p.add_argument("--ceiling", action="store_true", help="also measure the no-IPC encoding ceiling per process count")
     p.add_argument("--tokenizer", type=Path, default=EMBEDDED_TOKENIZER)
     p.add_argument("--val-docs", type=int, default=100)
+    p.add_argument("--transform", default="none", help="text transform before encoding (tokenize.transform)")
     p.add_argument("--out", required=True, type=Path, help="folder for tokenize_bench.json")
     p.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: the system's)")
     a = p.parse_args()
+    global TRANSFORM
+    TRANSFORM = a.transform
     a.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tokbench-", dir=a.tmp))
     try:
@@ -205,7 +215,7 @@ def main() -> None:
                 print(f"ceiling, {procs:3d} processes: {ceilings[-1]}", flush=True)
         identical = len({r["digest"] for r in results}) == 1 and all(r["identical"] for r in results)
         import sentencepiece
-        report = {"bench": "tokenize", "corpus": [str(c) for c in a.corpus], "jsonl_mb": round(size / 1e6, 3),
+        report = {"bench": "tokenize", "transform": TRANSFORM, "corpus": [str(c) for c in a.corpus], "jsonl_mb": round(size / 1e6, 3),
                   "text_mb": round(results[0]["text_bytes"] / 1e6, 3), "docs": results[0]["docs"],
                   "tokens": results[0]["tokens"],
                   "tokenizer": a.tokenizer.name, "cpu_count": os.cpu_count(), "platform": platform.platform(),

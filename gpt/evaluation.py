@@ -22,6 +22,7 @@ import torch
 
 from .averaging import load_averaged
 from .bpb import bits_per_byte, piece_tables, token_bytes
+from .original_bytes import transformed_token_bytes
 from .distributed import Ranks
 from .model import GPT
 from .progress import progress_bar
@@ -52,6 +53,7 @@ class EvalInputs:
     byte_sidecar: Path                   # the tokenize stage's val_token_bytes.npy
     weights: Path                        # the quantize stage's weights.bin
     averaged: tuple[Path, Path] | None   # the average stage's weights.pt and average.json (pre_quant only)
+    transform_ids: tuple[list[int], int] | None = None  # a text transform's operator ids and escape id (None: none)
 
 
 @dataclass
@@ -65,20 +67,32 @@ class EvalRun:
 
 
 def val_bytes(data: EvalInputs) -> int:
-    """The val targets' bytes from the tokenizer's piece table, which must agree with the tokenize stage's
-    byte sidecar (else the tokenizer does not belong to the data)."""
+    """The val targets' bytes from the tokenize stage's byte sidecar, which must agree with the tokenizer's piece
+    table (else the tokenizer does not belong to the data). With a text transform the sidecar holds ORIGINAL
+    bytes: checked per document against the piece table with operator tokens at 0 (a published sidecar may share
+    a document's bytes among its tokens otherwise); compliance recounts them from the inverted text."""
     import sentencepiece as spm
 
     tokens = data.tokens
     if tokens.max() >= data.vocab_size:
         raise EvalError(f"val tokens reach id {tokens.max()} but the tokenizer has {data.vocab_size} pieces")
     tables = piece_tables(spm.SentencePieceProcessor(model_file=str(data.tokenizer_path)))
-    tok_bytes = token_bytes(tokens[1:], tables, prev=tokens[:-1])
-    sidecar = np.load(data.byte_sidecar)[1:len(tokens)]
-    if not np.array_equal(sidecar.astype(np.int64), tok_bytes):
-        raise EvalError("byte counts from the tokenizer's piece table disagree with the tokenize stage's "
-                        "byte sidecar: the tokenizer does not match the data")
-    return int(tok_bytes.sum())
+    full = np.load(data.byte_sidecar)
+    if len(full) < len(tokens):
+        raise EvalError(f"the byte sidecar has {len(full):,} counts for {len(tokens):,} val tokens: not this data's")
+    sidecar = full[1:len(tokens)].astype(np.int64)
+    if data.transform_ids is None:
+        if not np.array_equal(sidecar, token_bytes(tokens[1:], tables, prev=tokens[:-1])):
+            raise EvalError("byte counts from the tokenizer's piece table disagree with the tokenize stage's "
+                            "byte sidecar: the tokenizer does not match the data")
+        return int(sidecar.sum())
+    rule = transformed_token_bytes(tokens, tables, *data.transform_ids)[1:]
+    cuts = np.concatenate([[0], np.flatnonzero(tokens[1:] == data.bos_id)])  # target k+1 starts document k+1
+    bad = np.flatnonzero(np.add.reduceat(sidecar, cuts) != np.add.reduceat(rule, cuts)) if len(rule) else []
+    if len(bad):
+        raise EvalError(f"the byte sidecar disagrees with the tokenizer's pieces (operators at 0 bytes) on val "
+                        f"document {int(bad[0])}: the tokenizer or transform does not match the data")
+    return int(sidecar.sum())
 
 
 class Scorer:

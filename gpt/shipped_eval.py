@@ -1,13 +1,14 @@
 """The entry point of the code that ships with an artifact: decode the weights, score the val shards.
 
     python shipped_code.py --weights weights.bin --tokenizer tokenizer.model --val fineweb_val_*.bin \
-        [--stride 64] [--doc-isolation] [--ttt '{"method": "sgd"}']
+        [--stride 64] [--doc-isolation] [--ttt '{"method": "sgd"}'] [--val-bytes fineweb_val_bytes_*.bin]
     torchrun --nproc_per_node=8 shipped_code.py ...     (the same eval spread over 8 GPUs)
 
 It prints val_loss, val_bpb and the eval seconds. The quantize stage assembles this module with model,
 quant, bpb, scoring, ttt and shards into one file and counts its compressed bytes as the artifact's code
 bytes; the eval stage runs the same loop (ttt.EvalLoop), so the shipped program reproduces its score,
-test-time training included.
+test-time training included. Data tokenized through a text transform (CaseOps) is scored on its original bytes:
+pass its byte sidecar (--val-bytes, the challenge's fineweb_val_bytes_*.bin), as the records do.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ttt", default="{}", help='test-time training settings as JSON, e.g. {"method": "sgd"}')
     p.add_argument("--budget", type=float, default=600.0, help="eval seconds allowed (0 = no limit)")
     p.add_argument("--on-budget", default="fail", choices=("fail", "stop"))
+    p.add_argument("--val-bytes", nargs="*", default=[], help="per-token byte sidecar shards (transformed text)")
     a = p.parse_args(argv)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     ranks = start_distributed(device)
@@ -65,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     res = EvalLoop(model, tokens, bos_id=sp.bos_id(), budget_s=a.budget, on_budget=a.on_budget, spent_s=load_s,
                    **args).run()
     nll = res["nll"]
-    n_bytes = int(token_bytes(tokens[1:], piece_tables(sp), prev=tokens[:-1]).sum())
+    if a.val_bytes:  # the original text's bytes per token: the piece table would count the transformed text's
+        n_bytes = int(load_split([Path(v) for v in a.val_bytes])[1:len(tokens)].astype("int64").sum())
+    else:
+        n_bytes = int(token_bytes(tokens[1:], piece_tables(sp), prev=tokens[:-1]).sum())
     result = {"val_loss": float(nll.mean()), "val_bpb": bits_per_byte(float(nll.sum()), n_bytes),
               "val_tokens": int(nll.size), "val_bytes": n_bytes,
               "eval_seconds": round(load_s + res["loop_seconds"], 3)}

@@ -8,12 +8,16 @@ A FAIL is a result, not an error: the artifact records it and ``golf run`` exits
   train_time     training loop + GPTQ calibration + held-out selection on training data, <= 600 s
   eval_time      weights decode + scoring (+ test-time training), <= 600 s
                  both with the hardware they ran on; anything but 8x H100 SXM is not a compliant timing
-  val_not_in_train   no validation document's text (SHA-256) is also a training document
+  val_not_in_train   no validation document's text (SHA-256) is also a training document (the original
+                     texts, before any transform)
   calibration    quantization calibration data comes from no val shard (calibration.json, below)
   val_split      the val split is the canonical one: 50,000 documents, the token count for known
                  tokenizers (by the tokenizer file's SHA-256), and every target scored
   ttt_order      test-time training adapted only on tokens already scored (ttt_log.jsonl, below)
-  bpb_recomputed val_bpb from eval's per-token NLLs and bytes counted by decoding each document
+  bpb_recomputed val_bpb from eval's per-token NLLs and bytes counted by decoding each document (with a
+                 text transform such as CaseOps: decoding, then inverting the transform, so the bytes are the
+                 original text's); each document's count must equal the tokenize stage's byte sidecar, the
+                 first one that does not is named
   boundary_leak  changing the previous document must not move the next one's scores when eval
                  claims document isolation
 
@@ -65,6 +69,7 @@ from gpt.calibration import FILE as CALIBRATION_FILE
 from gpt.calibration import CalibrationFileError, CalibrationRecord, calibrates, read_calibration
 from gpt.scoring import document_spans, score_stream
 from gpt.shards import load_split
+from tokenizing import transforms
 from tokenizing.dataset import Dataset
 from gpt.devices import resolve_device
 
@@ -82,6 +87,9 @@ KNOWN_TOKENIZERS: dict[str, dict] = {
     "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a": {
         "name": "sp1024 (the challenge's fineweb_1024_bpe.model)", "val_docs": CANONICAL_VAL_DOCS,
         "val_tokens": None},
+    "97754754561f20def5edd99765ca0668f880bd94e67316d54aa10ab25f45cc4d": {
+        "name": "CaseOps sp8192 (the records' fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model)",
+        "val_docs": CANONICAL_VAL_DOCS, "val_tokens": None},
 }
 
 
@@ -271,32 +279,60 @@ def check_ttt_order(events: list[dict] | None, n_scored: int, ttt_claimed: bool 
 
 
 # --- bits per byte -----------------------------------------------------------------------------------------
-def decoded_bytes(sp, tokens: np.ndarray, bos: int, doc_hashes: np.ndarray | None = None,
-                  last_complete: bool = False) -> tuple[int, int, int]:
-    """UTF-8 bytes of the text the scored tokens (all but the first) decode to, document by document;
-    and of the complete documents, how many decode back to their original text (by the tokenize
-    stage's SHA-256 prefix) out of how many were checked. The last document counts as complete only
-    when ``last_complete`` (eval.max_tokens may cut it short)."""
-    total = roundtrip = checked = 0
+@dataclass
+class Recount:
+    total: int              # UTF-8 bytes of the documents' (original) text
+    roundtrip: int          # complete documents whose text is their original text (by SHA-256 prefix) ...
+    checked: int            # ... of this many
+    mismatch: str | None    # the first document whose text is not the transform's, or whose bytes the sidecar miscounts
+
+
+def recount_documents(sp, tokens: np.ndarray, bos: int, doc_hashes: np.ndarray | None = None,
+                      last_complete: bool = False, inverse=None, sidecar: np.ndarray | None = None) -> Recount:
+    """Decode the documents one by one (``inverse``: then undo the text transform, so the text is the original),
+    count the UTF-8 bytes of each and compare them with the ``sidecar``'s sum over its tokens (aligned with
+    ``tokens``); and of the complete documents, count how many give back their original text (the tokenize
+    stage's SHA-256 prefix). The last document counts as complete only when ``last_complete`` (eval.max_tokens
+    may cut it short)."""
+    out = Recount(0, 0, 0, None)
     spans = document_spans(tokens, bos)
     for i, (a, b) in enumerate(spans):
         doc = tokens[a:b]
-        text = sp.decode(doc[doc != bos].tolist())
-        raw = text.encode("utf-8")
-        total += len(raw)
         complete = last_complete or i < len(spans) - 1
+        text = sp.decode(doc[doc != bos].tolist())
+        if inverse is not None:
+            try:
+                text = inverse(text, partial=not complete)
+            except ValueError as e:  # the tokens do not decode to text the transform can have written
+                out.mismatch = out.mismatch or f"val document {i} (0-based) does not invert: {e}"
+        raw = text.encode("utf-8")
+        out.total += len(raw)
+        if sidecar is not None and out.mismatch is None and int(sidecar[a:b].sum(dtype=np.int64)) != len(raw):
+            out.mismatch = (f"val document {i} (0-based, tokens {a:,}..{b - 1:,}): the byte sidecar counts "
+                            f"{int(sidecar[a:b].sum(dtype=np.int64)):,} bytes, its decoded"
+                            f"{' and inverted' if inverse is not None else ''} text has {len(raw):,}")
         if doc_hashes is not None and complete and i < len(doc_hashes):
-            checked += 1
-            roundtrip += np.frombuffer(hashlib.sha256(raw).digest()[:8], dtype="<u8")[0] == doc_hashes[i]
-    return total, int(roundtrip), checked
+            out.checked += 1
+            out.roundtrip += bool(np.frombuffer(hashlib.sha256(raw).digest()[:8], dtype="<u8")[0] == doc_hashes[i])
+    return out
+
+
+def decoded_bytes(sp, tokens: np.ndarray, bos: int, doc_hashes: np.ndarray | None = None,
+                  last_complete: bool = False) -> tuple[int, int, int]:
+    """:func:`recount_documents` without a transform or sidecar: (bytes, round trips, documents checked)."""
+    r = recount_documents(sp, tokens, bos, doc_hashes, last_complete)
+    return r.total, r.roundtrip, r.checked
 
 
 def check_bpb(nll_sum: float, n_targets: int, n_bytes: int, reported_bpb: float, reported_bytes: int,
-              rel_tolerance: float, sidecar_bytes: int | None = None, roundtrip: tuple[int, int] | None = None) -> dict:
-    """val_bpb recomputed from the per-token NLLs and bytes counted by decoding; the counts must match exactly."""
+              rel_tolerance: float, sidecar_bytes: int | None = None, roundtrip: tuple[int, int] | None = None,
+              mismatch: str | None = None, transform: str = "none") -> dict:
+    """val_bpb recomputed from the per-token NLLs and bytes counted by decoding (and inverting the ``transform``);
+    the counts must match exactly; ``mismatch``: the first document the recount and the sidecar disagree on."""
     recomputed = bits_per_byte(nll_sum, n_bytes)
     rel = abs(recomputed - reported_bpb) / abs(reported_bpb) if reported_bpb else float("inf")
-    evidence = (f"{n_targets:,} token NLLs (sum {nll_sum:.6f} nats) / {n_bytes:,} bytes decoded from the documents "
+    how = "decoded from the documents" + (f" and inverted ({transform})" if transform != "none" else "")
+    evidence = (f"{n_targets:,} token NLLs (sum {nll_sum:.6f} nats) / {n_bytes:,} bytes {how} "
                 f"= {recomputed:.10f}; eval reported {reported_bpb:.10f} over {reported_bytes:,} bytes "
                 f"(relative difference {rel:.1e})")
     ok = n_bytes == reported_bytes and rel <= rel_tolerance
@@ -309,7 +345,25 @@ def check_bpb(nll_sum: float, n_targets: int, n_bytes: int, reported_bpb: float,
         if roundtrip[0] != roundtrip[1]:
             warning = (f"bpb_recomputed: {roundtrip[1] - roundtrip[0]} val documents do not decode to their original "
                        f"text (the tokenizer normalizes): bytes are those of the normalized text")
+    if mismatch is not None:
+        ok = False
+        evidence += f"; FIRST MISMATCH: {mismatch}"
     return result("bpb_recomputed", passed(ok), evidence, warning)
+
+
+def read_sidecar(ds: Dataset, n_tokens: int) -> tuple[np.ndarray, str | None]:
+    """The tokenize stage's byte sidecar, and what is wrong with it before any document is decoded: a length other
+    than the val split's, or challenge-layout byte shards (fineweb_val_bytes_*.bin) that are not the same counts."""
+    sidecar = ds.val_token_bytes()
+    if len(sidecar) != n_tokens:
+        return np.zeros(n_tokens, np.uint16), (f"the byte sidecar has {len(sidecar):,} counts for the {n_tokens:,} "
+                                               f"val tokens")
+    names = ds.info.get("byte_shards") or []
+    if names:
+        shards = load_split([ds.artifact.file(n) for n in names])
+        if not np.array_equal(shards, sidecar):
+            return sidecar, f"{', '.join(names)} do not hold the same byte counts as val_token_bytes.npy"
+    return sidecar, None
 
 
 # --- boundary leak -------------------------------------------------------------------------------------------
@@ -461,14 +515,16 @@ def build(cfg: ComplianceConfig, inputs: Mapping[str, Artifact], ctx: StageConte
     events = read_ttt_log(ev.file("ttt_log.jsonl")) if "ttt_log.jsonl" in ev.manifest.get("files", {}) else None
     checks.append(check_ttt_order(events, len(nll), bool(eval_info.get("ttt")) or "ttt_seconds" in ev.metrics))
 
-    # val_bpb recomputed: NLLs from the eval stage, bytes by decoding the documents
+    # val_bpb recomputed: NLLs from the eval stage, bytes by decoding the documents (and undoing the transform)
     bos = ds.info["bos_id"]
     tokens = all_tokens[:len(nll) + 1]
     sp = spm.SentencePieceProcessor(model_file=str(ds.tokenizer_path))
-    n_bytes, rt_ok, rt_n = decoded_bytes(sp, tokens, bos, val_hashes, last_complete=len(tokens) == len(all_tokens))
-    sidecar = int(np.load(tok.file("val_token_bytes.npy"))[1:len(tokens)].astype(np.int64).sum())
-    checks.append(check_bpb(float(nll.sum()), len(nll), n_bytes, ev.metrics["val_bpb"], ev.metrics["val_bytes"],
-                            cfg.bpb_rel_tolerance, sidecar, (rt_ok, rt_n)))
+    sidecar, mismatch = read_sidecar(ds, len(all_tokens))
+    inverse = transforms.get(ds.transform).inverse if ds.transform != "none" else None
+    rc = recount_documents(sp, tokens, bos, val_hashes, len(tokens) == len(all_tokens), inverse, sidecar)
+    checks.append(check_bpb(float(nll.sum()), len(nll), rc.total, ev.metrics["val_bpb"], ev.metrics["val_bytes"],
+                            cfg.bpb_rel_tolerance, int(sidecar[1:len(tokens)].sum(dtype=np.int64)),
+                            (rc.roundtrip, rc.checked), mismatch or rc.mismatch, ds.transform))
 
     # boundary leak: the artifact's own model, scored as eval scores
     isolated = bool(eval_info.get("doc_isolation", False))

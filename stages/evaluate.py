@@ -2,8 +2,9 @@
 
 The quantized model is rebuilt from the quantize artifact's weights blob with the shipped code's own
 decoder and scored by the shipped eval loop (stages/gpt/ttt.py: sliding windows, document isolation,
-score-first TTT, several ranks). Bytes per token come from the tokenizer's piece table and are checked
-against the tokenize stage's byte sidecar. Diagnostics outside the timer: the pre-quantization score
+score-first TTT, several ranks). Bytes per token come from the tokenize stage's byte sidecar, checked
+against the tokenizer's piece table (with a text transform such as CaseOps: the original text's bytes,
+operator tokens 0, checked document by document). Diagnostics outside the timer: the pre-quantization score
 from the average stage's weights (the quantization gap) and, with TTT, the same scoring without it.
 
 The stage reads its inputs and writes the files; the scoring itself is gpt/evaluation.py.
@@ -98,7 +99,8 @@ def read_inputs(cfg: EvalConfig, inputs: Mapping[str, Artifact]) -> EvalInputs:
     avg = inputs["average"]
     return EvalInputs(tokens=tokens, vocab_size=ds.vocab_size, bos_id=ds.bos_id, tokenizer_path=ds.tokenizer_path,
                       byte_sidecar=tok.file("val_token_bytes.npy"), weights=inputs["quantize"].file("weights.bin"),
-                      averaged=(avg.file("weights.pt"), avg.file("average.json")) if cfg.pre_quant else None)
+                      averaged=(avg.file("weights.pt"), avg.file("average.json")) if cfg.pre_quant else None,
+                      transform_ids=ds.transform_ids() if ds.transform != "none" else None)
 
 
 def write_outputs(run: EvalRun, out: Path) -> None:

@@ -13,6 +13,14 @@ Three modes, one artifact format:
 Files: dataset.json, fineweb_{val,train}_NNNNNN.bin, tokenizer.model, val_token_bytes.npy (UTF-8 bytes per
 val token), doc_hashes_{val,train}.npy (uint64 per document).
 
+With ``transform`` (tokenizing/transforms.py, e.g. caseops_v1) each document is tokenized transformed, and
+everything that scores or compares documents stays on the ORIGINAL text: val_token_bytes.npy holds the original
+bytes each token stands for (operator tokens 0; each document's sum is the UTF-8 length of its original,
+normalised text), the hashes are the original texts', and the sidecar is also written in the challenge's
+layout, fineweb_val_bytes_NNNNNN.bin beside each val shard (header + one uint16 per token), so the records'
+scripts read golf's data. Import then takes the published fineweb_val_bytes_*.bin, checked document by document
+against the decoded and inverted text.
+
 Run it alone:  golf stage tokenize --set val_docs=60 --set workers=2
 """
 
@@ -33,12 +41,13 @@ from artifacts import Artifact, Stage, StageContext
 from gpt import checks
 from tokenizing.docs import DataError, iter_chunks, iter_documents, resolve_source
 from tokenizing.encoding import encode_chunk, init_worker, ordered_map
-from tokenizing.published import Remote, SplitSummary, check_round_trip, download, find_shards, place, scan_shard, \
-    summarise_split, val_byte_counts
+from tokenizing.published import Remote, SplitSummary, byte_shard_paths, check_round_trip, download, find_shards, \
+    place, published_byte_counts, scan_shard, summarise_split, val_byte_counts
 from tokenizing.dataset import Dataset  # noqa: F401  (re-exported for callers of the old location)
 from gpt.progress import progress_bar
-from gpt.shards import MAX_VOCAB, ShardWriter
+from gpt.shards import MAX_VOCAB, ShardWriter, read_header, write_shard
 from tokenizing.sptrain import check_vocab, train_sentencepiece
+from tokenizing import transforms
 
 __all__ = ["TokenizeConfig", "DataError", "Dataset", "STAGE", "iter_documents", "EMBEDDED_DOCS",
            "EMBEDDED_TOKENIZER", "tokenize_documents"]
@@ -72,6 +81,7 @@ class TokenizeConfig:
     remote_root: str = "datasets"     # download: repo folder holding manifest.json, datasets/ and tokenizers/
     variant: str = "sp1024"           # download: which tokenization (<remote_root>/datasets/fineweb10B_<variant>)
     download_dir: str = ""            # download: where files go and stay ('' = the build's resumable scratch, removed after commit)
+    transform: str = "none"           # reversible text transform before tokenizing: 'none' or 'caseops_v1' (capitals as operators; tokenizer 'embedded-caseops-sp8192'); bytes stay the original text's
 
     NOT_IN_KEY = ("workers",)  # the shards are byte-identical for any number of encoding processes
 
@@ -91,11 +101,14 @@ class TokenizeConfig:
         for name in ("source", "tokenizer", "repo_id", "variant"):
             checks.need(isinstance(getattr(self, name), str) and getattr(self, name).strip() != "",
                         f"tokenize.{name} must not be empty", DataError)
+        transforms.get(self.transform)  # an unknown name: a TransformError listing the known ones
         if self.tokenizer == "train" and self.mode != "documents":
             raise DataError("tokenizer=train needs mode=documents (published shards come with their tokenizer)")
 
 
-EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER, "embedded-sp8192": EMBEDDED_DIR / "fineweb_8192_bpe.model"}
+EMBEDDED_TOKENIZERS = {"embedded": EMBEDDED_TOKENIZER, "embedded-sp8192": EMBEDDED_DIR / "fineweb_8192_bpe.model",
+                       # the records' tokenizer of caseops_v1 text (openai/parameter-golf, MIT)
+                       "embedded-caseops-sp8192": EMBEDDED_DIR / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"}
 
 
 def resolve_tokenizer(tokenizer: str) -> Path:
@@ -105,7 +118,8 @@ def resolve_tokenizer(tokenizer: str) -> Path:
     return p
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, transform: str = "none"):
+    """The SentencePiece model, refused unless it suits the challenge format and the text transform."""
     import sentencepiece as spm
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -114,19 +128,20 @@ def load_tokenizer(path: Path):
     check_vocab(sp.vocab_size(), f"tokenizer {path.name}")
     if sp.bos_id() < 0:
         raise DataError(f"tokenizer {path} has no BOS piece; the challenge format needs one")
+    transforms.operator_ids(sp, transforms.get(transform), f"tokenizer {path.name}")
     return sp
 
 
 # --- documents -----------------------------------------------------------------------------------
 def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_docs: int, max_docs: int = 0,
                        tokens_per_shard: int = 100_000_000, workers: int = 1, overlap: str = "drop",
-                       progress: bool = True, pool=None, chunk_bytes: int = 0) -> dict:
+                       progress: bool = True, pool=None, chunk_bytes: int = 0, transform: str = "none") -> dict:
     """Encode the documents into shards, hashes and the val byte sidecar in ``out_dir``; return statistics.
 
     ``pool``: an already started pool of :func:`tokenizing.encoding.init_worker` processes (benchmarks);
     ``chunk_bytes``: jsonl bytes per worker task (0: :data:`tokenizing.docs.CHUNK_BYTES`; the output is the same
-    for any value)."""
-    sp = load_tokenizer(model_path)
+    for any value); ``transform``: the text transform documents go through (its name), the pool's too."""
+    sp = load_tokenizer(model_path, transform)
     writers = {s: ShardWriter(out_dir, s, tokens_per_shard) for s in ("val", "train")}
     hashes: dict[str, list[np.ndarray]] = {"val": [], "train": []}
     docs = {"val": 0, "train": 0}
@@ -135,7 +150,7 @@ def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_d
     dropped = text_bytes = 0
     # a chunk may hold val documents only if fewer than val_docs lines/rows came before it
     tasks = ((chunk, chunk.before < val_docs) for chunk in iter_chunks(files, chunk_bytes))
-    results = ordered_map(encode_chunk, tasks, workers, init_worker, (str(model_path),), pool=pool)
+    results = ordered_map(encode_chunk, tasks, workers, init_worker, (str(model_path), transform), pool=pool)
     bar = progress_bar(log, "tokenize", unit="B", enabled=progress, unit_scale=True, mininterval=1.0)
     t0 = time.perf_counter()
     try:
@@ -185,7 +200,8 @@ def tokenize_documents(files: list[Path], model_path: Path, out_dir: Path, val_d
     shards = {s: [p.name for p in w.close()] for s, w in writers.items()}
     sidecar = np.concatenate(val_bytes)
     _write_common(out_dir, hashes, sidecar)
-    return {"shards": shards, "docs": docs, "tokens": {s: w.total for s, w in writers.items()},
+    byte_shards = write_byte_shards(out_dir, sidecar, writers["val"].paths) if transform != "none" else []
+    return {"shards": shards, "byte_shards": byte_shards, "docs": docs, "tokens": {s: w.total for s, w in writers.items()},
             "dropped": dropped, "text_bytes": text_bytes, "seconds": seconds, "vocab_size": sp.vocab_size(),
             "bos_id": sp.bos_id(), "val_bytes": int(sidecar.sum(dtype=np.int64))}
 
@@ -195,6 +211,20 @@ def _member(h: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
         return np.zeros(len(h), dtype=bool)
     i = np.minimum(np.searchsorted(sorted_set, h), len(sorted_set) - 1)
     return sorted_set[i] == h
+
+
+def write_byte_shards(out_dir: Path, sidecar: np.ndarray, val_paths: list[Path]) -> list[str]:
+    """The sidecar in the challenge's layout: fineweb_val_bytes_NNNNNN.bin, token for token beside each val shard
+    (what the records' CaseOps scripts read)."""
+    names, pos = [], 0
+    for p in val_paths:
+        n = read_header(p)
+        name = p.name.replace("fineweb_val_", "fineweb_val_bytes_")
+        write_shard(out_dir / name, sidecar[pos:pos + n])
+        names.append(name)
+        pos += n
+    assert pos == len(sidecar), "the byte sidecar is not token for token the val shards"
+    return names
 
 
 def _write_common(out_dir: Path, hashes: dict[str, list[np.ndarray]], sidecar: np.ndarray) -> None:
@@ -207,21 +237,27 @@ def _write_common(out_dir: Path, hashes: dict[str, list[np.ndarray]], sidecar: n
 def build_documents(cfg: TokenizeConfig, ctx: StageContext) -> dict:
     files = resolve_source(EMBEDDED_DOCS if cfg.source == "embedded" else cfg.source)
     model = ctx.dir / "tokenizer.model"
-    info: dict = {"mode": "documents", "source": [str(f) for f in files], "doc_hash": "sha256(utf-8 text)[:8]"}
+    transform = transforms.get(cfg.transform)
+    info: dict = {"mode": "documents", "source": [str(f) for f in files], "doc_hash": "sha256(utf-8 text)[:8]",
+                  "transform": transform.name}
     if cfg.tokenizer == "train":
         n = cfg.sp_train_docs if not cfg.max_docs else min(cfg.sp_train_docs, max(cfg.max_docs - cfg.val_docs, 0))
-        # the documents after the validation split, in input order: never a val document
-        sample = itertools.islice(iter_documents(files), cfg.val_docs, cfg.val_docs + n)
+        # the documents after the validation split, in input order: never a val document; transformed, as the
+        # tokenizer will see them, with the operators reserved as pieces of their own
+        sample = map(transform.forward, itertools.islice(iter_documents(files), cfg.val_docs, cfg.val_docs + n))
         t0 = time.perf_counter()
-        stats = train_sentencepiece(sample, model, cfg.sp_vocab_size, cfg.sp_max_doc_bytes, threads=cfg.workers)
+        stats = train_sentencepiece(sample, model, cfg.sp_vocab_size, cfg.sp_max_doc_bytes, threads=cfg.workers,
+                                    user_symbols=transform.operators)
         info["tokenizer_training"] = {**stats, "first_doc": cfg.val_docs, "seconds": round(time.perf_counter() - t0, 3)}
         log.info("trained a %d-piece BPE tokenizer on %d training documents (%d too long, left out)",
                  cfg.sp_vocab_size, stats["docs"], stats["docs_too_long"])
     else:
+        load_tokenizer(resolve_tokenizer(cfg.tokenizer), transform.name)  # refused here under its own name
         shutil.copyfile(resolve_tokenizer(cfg.tokenizer), model)
     r = tokenize_documents(files, model, ctx.dir, cfg.val_docs, cfg.max_docs, cfg.tokens_per_shard,
-                           cfg.workers, cfg.overlap)
+                           cfg.workers, cfg.overlap, transform=transform.name)
     info.update({"vocab_size": r["vocab_size"], "bos_id": r["bos_id"], "shards": r["shards"], "docs": r["docs"],
+                 "byte_shards": r["byte_shards"],
                  "tokens": r["tokens"], "tokenizer_file": "tokenizer.model", "val_train_overlap": 0,
                  "train_docs_dropped": r["dropped"]})
     (ctx.dir / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -237,9 +273,12 @@ def build_documents(cfg: TokenizeConfig, ctx: StageContext) -> dict:
 
 # --- import / download ---------------------------------------------------------------------------
 def build_import(cfg: TokenizeConfig, folder: Path, tokenizer: Path, ctx: StageContext, info: dict) -> dict:
-    """Validate a folder of published shards and take it as the artifact (no re-tokenizing)."""
+    """Validate a folder of published shards and take it as the artifact (no re-tokenizing). With a transform the
+    folder's byte sidecar is taken too, once checked against the decoded text; document hashes are of token ids,
+    which for a transform also tell original texts apart (the transform is one-to-one)."""
     from tqdm import tqdm
-    sp = load_tokenizer(tokenizer)
+    transform = transforms.get(cfg.transform)
+    sp = load_tokenizer(tokenizer, transform.name)
     vocab, bos = sp.vocab_size(), sp.bos_id()
     shards = find_shards(folder, cfg.train_shards)
     t0 = time.perf_counter()
@@ -259,14 +298,17 @@ def build_import(cfg: TokenizeConfig, folder: Path, tokenizer: Path, ctx: StageC
     if overlap:
         log.warning("%d training documents of %s equal a validation document (published shards are "
                     "taken as they are)", overlap, folder)
-    how = {place(p, ctx.dir / p.name, cfg.link) for s in ("val", "train") for p in shards[s]}
+    byte_paths = byte_shard_paths(folder, shards["val"]) if transform.operators else []
+    sidecar = published_byte_counts(shards["val"], byte_paths, sp, transform.inverse) if byte_paths \
+        else val_byte_counts(shards["val"], sp)
+    how = {place(p, ctx.dir / p.name, cfg.link) for p in shards["val"] + shards["train"] + byte_paths}
     shutil.copyfile(tokenizer, ctx.dir / "tokenizer.model")
-    sidecar = val_byte_counts(shards["val"], sp)
     _write_common(ctx.dir, hashes, sidecar)
     docs = {s: summary[s].docs for s in summary}
     tokens = {s: summary[s].tokens for s in summary}
     info.update({"vocab_size": vocab, "bos_id": bos,
                  "shards": {s: [p.name for p in shards[s]] for s in shards}, "docs": docs, "tokens": tokens,
+                 "transform": transform.name, "byte_shards": [p.name for p in byte_paths],
                  "tokenizer_file": "tokenizer.model", "doc_hash": "sha256(uint16 token ids)[:8]",
                  "val_train_overlap": overlap, "train_docs_dropped": 0,
                  "source": str(folder), "tokenizer_source": str(tokenizer)})

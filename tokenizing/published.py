@@ -153,6 +153,42 @@ def val_byte_counts(paths: list[Path], sp, step: int = SCAN_TOKENS) -> np.ndarra
     return np.concatenate(out) if out else np.zeros(0, np.uint16)
 
 
+def byte_shard_paths(folder: Path, val_paths: list[Path]) -> list[Path]:
+    """The published per-token byte sidecar beside each val shard (fineweb_val_bytes_NNNNNN.bin), all present."""
+    out = [p.with_name(p.name.replace("fineweb_val_", "fineweb_val_bytes_")) for p in val_paths]
+    missing = [p.name for p in out if not p.is_file()]
+    if missing:
+        raise DataError(f"{folder}: transformed shards need their byte sidecar, and {missing[0]} is missing "
+                        f"(the published CaseOps data has one fineweb_val_bytes_NNNNNN.bin per val shard)")
+    return out
+
+
+def published_byte_counts(val_paths: list[Path], byte_paths: list[Path], sp, inverse) -> np.ndarray:
+    """The published sidecar, checked: token for token as long as its val shard, and each document's sum the
+    UTF-8 length of its decoded text after the transform's ``inverse`` (its original text)."""
+    parts = []
+    for vp, bp in zip(val_paths, byte_paths):
+        n_tok, n_bytes = read_header(vp), read_header(bp)
+        if n_tok != n_bytes:
+            raise DataError(f"{bp}: {n_bytes:,} byte counts for the {n_tok:,} tokens of {vp.name}: not its sidecar")
+        parts.append(np.asarray(load_tokens(bp)))
+    sidecar = np.concatenate(parts)
+    tokens = np.concatenate([np.asarray(load_tokens(p)) for p in val_paths])
+    starts = np.flatnonzero(tokens == sp.bos_id())
+    ends = np.append(starts[1:], len(tokens))
+    texts = sp.decode([tokens[a + 1:b].tolist() for a, b in zip(starts, ends)])
+    sums = np.add.reduceat(sidecar.astype(np.int64), starts) if len(starts) else np.zeros(0, np.int64)
+    for i, (text, got) in enumerate(zip(texts, sums)):
+        try:
+            want = len(inverse(text).encode("utf-8"))
+        except ValueError as e:  # tokens that no transformed text gives: the tokenizer or transform is not the data's
+            raise DataError(f"{val_paths[0].parent}: val document {i} (0-based) does not invert ({e})") from None
+        if got != want:
+            raise DataError(f"{byte_paths[0].parent}: the byte sidecar gives val document {i} (0-based) {int(got):,} "
+                            f"bytes, its decoded original text has {want:,}: the sidecar does not match the data")
+    return sidecar.astype(np.uint16)
+
+
 def place(src: Path, dst: Path, link: bool) -> str:
     """Put a file (a shard, a checkpoint) into an artifact: a hard link when allowed and possible, else a copy."""
     if link:

@@ -34,12 +34,16 @@ def check_vocab(vocab_size: int, what: str = "tokenizer") -> None:
 
 
 def train_sentencepiece(texts: Iterable[str], out: Path, vocab_size: int, max_doc_bytes: int = 4192,
-                        threads: int = 0) -> dict:
-    """Train a BPE model on ``texts`` and write it to ``out`` (atomically); return what it was trained on."""
+                        threads: int = 0, user_symbols: tuple[str, ...] = ()) -> dict:
+    """Train a BPE model on ``texts`` and write it to ``out`` (atomically); return what it was trained on.
+
+    ``user_symbols``: characters that must each be one piece, never merged (a text transform's operators; they
+    take the ids after pad/bos/eos/unk, as in the records' CaseOps tokenizer)."""
     import sentencepiece as spm
     check_vocab(vocab_size, "the requested tokenizer")
-    if vocab_size < MIN_VOCAB:
-        raise DataError(f"sp_vocab_size={vocab_size} is too small: byte fallback alone needs {MIN_VOCAB} pieces")
+    if vocab_size < MIN_VOCAB + len(user_symbols):
+        raise DataError(f"sp_vocab_size={vocab_size} is too small: byte fallback alone needs {MIN_VOCAB} pieces"
+                        + (f", and the transform's operators {len(user_symbols)} more" if user_symbols else ""))
     stats = {"docs": 0, "bytes": 0, "docs_too_long": 0}
 
     def counted() -> Iterable[str]:
@@ -55,7 +59,7 @@ def train_sentencepiece(texts: Iterable[str], out: Path, vocab_size: int, max_do
         spm.SentencePieceTrainer.train(
             sentence_iterator=counted(), model_writer=proto, vocab_size=vocab_size,
             max_sentence_length=max_doc_bytes, num_threads=threads or os.cpu_count() or 1,
-            minloglevel=1, **OFFICIAL_TRAINER)
+            minloglevel=1, **OFFICIAL_TRAINER, **({"user_defined_symbols": list(user_symbols)} if user_symbols else {}))
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed on {stats['docs']} documents: {e}") from None
     if stats["docs"] == 0:
