@@ -67,6 +67,10 @@ def test_dockerfile_pins_its_base_image_and_tools_and_copies_only_what_the_conte
         for src in srcs.split():
             assert src.rstrip("/") in kept, f"COPY {src}: excluded from the build context"
             assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+    # every package pyproject installs is in the image (the layout move once left gpt/ and tokenizing/ out)
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {src.rstrip("/") for srcs in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M) for src in srcs.split()}
+    assert {p.rstrip("*") for p in packages} <= copied, "a package of pyproject.toml is not copied into the image"
     stages = re.findall(r"^FROM \S+ AS (\S+)$", text, re.M)
     assert stages[-1] == "golf" and {"base", "fa3-build", "golf-fa2", "golf-fa3"} <= set(stages)
 
