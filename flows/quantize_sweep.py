@@ -22,7 +22,7 @@ import dataclasses  # noqa: E402
 from artifacts.runner import code_digest  # noqa: E402
 from flows.pipeline import DEFAULT_CONFIG, run_stages, stage_task  # noqa: E402
 from golf.config import PipelineConfig, config_from_dict  # noqa: E402
-from golf.pipeline import STAGE_BY_NAME  # noqa: E402
+from golf.pipeline import STAGE_BY_NAME, ship_eval  # noqa: E402
 from stages.quantize import QuantizeConfig  # noqa: E402
 from shipping.assemble import shipped_code  # noqa: E402
 
@@ -84,6 +84,8 @@ def quantize_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, store_root: str
     code_digest(STAGE_BY_NAME["eval"].module)
     shipped_code()
     q_inputs = {r: keys[r] for r in STAGE_BY_NAME["quantize"].inputs}
+    # each quantize counts the train_gpt.py that embeds the eval it is scored by, as golf run does
+    quantize_configs = [ship_eval({"quantize": q, "eval": config.eval})["quantize"] for q in quantize_configs]
     q_futures = stage_task.map(unmapped("quantize"), [dataclasses.asdict(q) for q in quantize_configs],
                                unmapped(q_inputs), unmapped(store_root))
     pending = []

@@ -5,6 +5,7 @@
     golf stage NAME [--preset NAME] [--set FIELD=VALUE ...] --input ROLE=KEY ...   one stage alone, no Prefect
     golf artifacts ls | show KEY | verify KEY | path KEY
     golf submit COMPLIANCE_KEY [KEY ...] --out DIR --name NAME --github-id ID   a records folder (one key per seed)
+    golf submit --verify DIR [--seed N] [--nproc N]   rerun DIR's train_gpt.py and compare it with the run
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
     golf report KEY [KEY ...] [--out report.html] [--against KEY,KEY,...]   one HTML page of runs (seeds overlaid)
     golf sweep-quantize [--preset ...] [--set ...] --variant "bits=6 clip=sd:12.85" --variant ...
@@ -182,7 +183,16 @@ def cmd_artifacts(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from .submit import parse_keys, submit
+    from .submit import SubmitError, parse_keys, submit, verify
+    if args.verify:
+        for line in verify(_store(args), Path(args.verify), args.seed, args.nproc, args.tolerance):
+            print(line)
+        print("verified: the folder's train_gpt.py reproduces the run")
+        return 0
+    missing = [f for f, v in (("COMPLIANCE_KEY", args.keys), ("--out", args.out), ("--name", args.name),
+                              ("--github-id", args.github_id)) if not v]
+    if missing:
+        raise SubmitError(f"golf submit needs {', '.join(missing)} (or --verify DIR to rerun a folder)")
     against = parse_keys(args.against) if args.against else []
     out = submit(_store(args), args.keys, Path(args.out), args.name, args.github_id, args.author, args.blurb or "",
                  against, args.allow_fail)
@@ -299,14 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("key", nargs="?", help="artifact key or unique prefix")
     a.set_defaults(fn=cmd_artifacts)
     s = sub.add_parser("submit", help="write a records-style folder from compliance artifacts (one per seed)")
-    s.add_argument("keys", nargs="+", metavar="COMPLIANCE_KEY", help="one per seed of one config; the first ships")
-    s.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    s.add_argument("--name", required=True, help="the submission's name")
-    s.add_argument("--github-id", required=True, help="your GitHub user name")
+    s.add_argument("keys", nargs="*", metavar="COMPLIANCE_KEY", help="one per seed of one config; the first ships")
+    s.add_argument("--out", help="the folder to write (new or empty)")
+    s.add_argument("--name", help="the submission's name")
+    s.add_argument("--github-id", help="your GitHub user name")
     s.add_argument("--author", help="author shown in submission.json (default: the GitHub id)")
     s.add_argument("--blurb", help="one paragraph on what the submission does")
     s.add_argument("--against", metavar="KEY,KEY,...", help="reference runs: adds the Welch test to the README")
     s.add_argument("--allow-fail", action="store_true", help="package runs whose compliance FAILed (marked so)")
+    s.add_argument("--verify", metavar="DIR", help="rerun DIR's train_gpt.py against the store's data and compare")
+    s.add_argument("--seed", type=int, help="--verify: the seed to rerun (default: the folder's first)")
+    s.add_argument("--nproc", type=int, default=1, help="--verify: processes for torchrun (default 1)")
+    s.add_argument("--tolerance", type=float, default=0.01, help="--verify: val_bpb difference allowed off the "
+                   "one-process CPU case (seed noise)")
     s.set_defaults(fn=cmd_submit)
     c = sub.add_parser("compare", help="one-sided Welch test: does config A beat config B by the threshold?")
     c.add_argument("--a", required=True, metavar="KEY,KEY,...", help="candidate runs (eval or compliance keys)")

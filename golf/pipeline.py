@@ -6,6 +6,8 @@ without Prefect produces the same keys and artifacts.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Callable, Iterable, Mapping, TypeVar
 
 from artifacts import ArtifactStore, Stage, StageResult, run_stage
@@ -51,11 +53,24 @@ def preflight(cfg: PipelineConfig) -> None:
     plan_key(tokenize.STAGE, cfg.tokenize, {})
 
 
+def ship_eval(configs: Mapping[str, object]) -> dict[str, object]:
+    """The quantize config given the eval config that train_gpt.py embeds (when both stages run): the shipped
+    program scores with the run's eval settings, so the code bytes quantize counts depend on them. The eval's
+    process count is left out: train_gpt.py takes it from torchrun."""
+    if "quantize" not in configs or "eval" not in configs:
+        return dict(configs)
+    ev = {k: v for k, v in dataclasses.asdict(configs["eval"]).items() if k != "nproc"}
+    quantize = dataclasses.replace(configs["quantize"], ship_eval=json.dumps(ev, sort_keys=True))
+    return {**configs, "quantize": quantize}
+
+
 def run_sequence(names: Iterable[str], configs: Mapping[str, object], keys: dict[str, str],
                  run_one: Callable[[Stage, object, dict[str, str]], tuple[str, R]]) -> list[R]:
     """The one stage-sequence runner: ``names`` in DAG order, each given the keys of its inputs from ``keys``
     (upstream keys given by the caller, then each stage's own as it finishes). ``run_one(stage, config,
-    input_keys)`` runs one stage (in this process, or as a Prefect task) and returns (its key, a result)."""
+    input_keys)`` runs one stage (in this process, or as a Prefect task) and returns (its key, a result).
+    The quantize stage is given the eval's config to embed in train_gpt.py (``ship_eval``)."""
+    configs = ship_eval(configs)
     out = []
     for name in names:
         stage = STAGE_BY_NAME[name]

@@ -3,11 +3,18 @@
     golf submit COMPLIANCE_KEY [KEY ...] --out records/2026-05-01_MyRun --name "My run" --github-id me
     golf compare --a KEY1,KEY2,KEY3 --b KEY4,KEY5,KEY6
 
+    golf submit --verify DIR [--seed N] [--nproc N]   (rerun the folder's train_gpt.py and compare)
+
 ``submit`` takes one compliance artifact per seed of one config (the first one is the artifact that
-ships) and writes README.md, submission.json, train_gpt.py, weights.bin and each seed's train and eval
-logs. train_gpt.py is the quantize stage's shipped_code.py byte for byte, so its size is the code
-size that was counted against the cap; it is the program an evaluator runs (decode weights.bin,
-score the val shards), not a trainer: the project trains through its pipeline.
+ships) and writes README.md, submission.json, train_gpt.py, requirements.txt, weights.bin, each seed's
+train and eval logs and, when the run used a non-standard one, the tokenizer. train_gpt.py is the
+quantize stage's shipped_code.py byte for byte (``shipping.assemble``), so its size is the code size
+that was counted against the cap; it reruns the whole run (train, average, quantize, eval) from the
+records' ./data layout, as reviewers do with ``torchrun --standalone --nproc_per_node=8 train_gpt.py``.
+
+``--verify`` reruns a folder's train_gpt.py against the run's tokenize artifact (laid out as ./data in a
+scratch copy of the folder) and compares: with one CPU process the weights bit for bit and val_bpb to
+1e-9; otherwise val_bpb within ``tolerance``.
 
 ``compare`` runs a one-sided Welch t-test that config A's val loss is lower than config B's by more
 than the threshold (the challenge's rule: 0.005 nats at p < 0.01), from eval or compliance keys.
@@ -19,8 +26,12 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shlex
 import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -229,6 +240,31 @@ def _hardware(run: Run) -> str:
     return hardware(run.train.manifest.get("environment", {}), run.train.metrics.get("world_size", 1))[0]
 
 
+def reproduce_section(primary: Run) -> list[str]:
+    """README's "Reproduce": what train_gpt.py is and the command a reviewer runs."""
+    program = json.loads(primary.quantize.file("program.json").read_text())
+    data, tok = program["data"]["dataset"], program["data"]["tokenizer"]
+    ttt = ((program.get("eval") or {}).get("ttt") or {}).get("method", "none") != "none"
+    cmd = eval_command(primary, f"./data/tokenizers/{tok}", [f"./data/datasets/{data}/fineweb_val_*.bin"])
+    nproc = primary.train.metrics.get("world_size", 1)
+    return ["", "## Reproduce", "",
+            f"`train_gpt.py` ({len(primary.quantize.file('shipped_code.py').read_bytes()):,} bytes, the code bytes "
+            f"counted against the cap) is the whole run: it trains (wallclock cap, warmdown, EMA/SWA), chooses "
+            f"the averaged weights, quantizes and compresses them, and scores the val shards with the run's "
+            f"evaluation{' and test-time training' if ttt else ''}. It is generated from the project's core modules, "
+            f"embedded in one file with the run's configs, minified and wrapped in a self-extracting lzma stub; it "
+            f"imports nothing of the project, only torch, numpy, sentencepiece and `requirements.txt`.", "",
+            f"With the challenge's data in the records' layout (`./data/datasets/{data}/fineweb_{{train,val}}_*.bin`, "
+            f"`./data/tokenizers/{tok}`), from this folder:", "", "```",
+            f"SEED={primary.seed} torchrun --standalone --nproc_per_node={nproc} train_gpt.py", "```", "",
+            "`DATA_PATH`, `TOKENIZER_PATH`, `SEED`, `MAX_WALLCLOCK_SECONDS` and `ITERATIONS` override the embedded "
+            "settings; the run's files (`train_seed<N>.log`, `weights.bin`, `eval.json`, `result.json`) go to "
+            "`RUN_DIR` (default `./run_seed<N>`), and its last stdout line is the result. One CPU process "
+            "(`python train_gpt.py`) runs the same program.", "",
+            "Score the shipped `weights.bin` only (no training):", "", "```",
+            "python " + " ".join(shlex.quote(x) if "{" in x else x for x in cmd), "```", ""]
+
+
 def _readme(runs: list[Run], meta: dict, comparison: Comparison | None, report: dict) -> str:
     primary = runs[0]
     bpb, bpb_sd = mean_std([r.val_bpb for r in runs])
@@ -259,24 +295,12 @@ def _readme(runs: list[Run], meta: dict, comparison: Comparison | None, report: 
                   "calibration, held-out selection on training data; not the compile warm-up); eval seconds count "
                   "the weights decode, scoring and any test-time training."]
 
-    cmd = eval_command(primary, "PATH/TO/fineweb_1024_bpe.model", ["PATH/TO/fineweb_val_*.bin"])
-    lines += ["", "## What train_gpt.py is", "",
-              f"`train_gpt.py` ({len(primary.quantize.file('shipped_code.py').read_bytes()):,} bytes, the code bytes "
-              f"counted against the cap) is the program an evaluator runs with this artifact: it decodes "
-              f"`weights.bin` and scores the validation shards. **It does not train.** This project trains through "
-              f"its pipeline (`golf run`: tokenize, train, average, quantize, eval, compliance); this folder ships "
-              f"what the evaluator runs, test-time training included. The file is generated from the project's own "
-              f"modules (stages/shards.py, bpb.py, quant.py, model.py, scoring.py, ttt.py, shipped_eval.py), "
-              f"minified and wrapped in a self-extracting lzma stub, byte for byte the file the quantize stage "
-              f"counted.", "",
-              "Reproduce the seed-" + str(primary.seed) + " score from this folder (needs torch, numpy, "
-              "sentencepiece and the challenge's data):", "", "```",
-              "python " + " ".join(shlex.quote(x) if "{" in x else x for x in cmd), "```", ""]
+    lines += reproduce_section(primary)
 
     lines += ["## Configuration", "", "```"]
     for role, art in primary.by_role().items():
         for k, v in _flat(art.config).items():
-            if not (role == "train" and k == "seed"):
+            if not (role == "train" and k == "seed") and not (role == "quantize" and k == "ship_eval"):
                 lines.append(f"{role}.{k} = {v!r}")
     lines += ["```", "", f"Model: {primary.train.metrics.get('params', '?'):,} parameters; "
                          f"{primary.train.metrics.get('steps')} steps, {primary.train.metrics.get('tokens', 0):,} "
@@ -300,14 +324,122 @@ def _readme(runs: list[Run], meta: dict, comparison: Comparison | None, report: 
                   "", "Reference runs: " + ", ".join(r.key for r in comparison.reference)]
 
     lines += ["", "## Files", "",
-              "- `train_gpt.py`: the shipped evaluation program (counted code bytes)",
+              "- `train_gpt.py`: the run as one program: trains, quantizes, evaluates (counted code bytes)",
+              "- `requirements.txt`: what train_gpt.py imports beyond torch, numpy and sentencepiece",
               "- `weights.bin`: the compressed weights of seed " + str(primary.seed),
               "- `submission.json`: the metadata and per-seed values",
               "- `train_seed<N>.log`, `train_seed<N>_metrics.jsonl`, `train_seed<N>.json`: each seed's training log, "
               "per-step metrics and summary",
               "- `eval_seed<N>.log`, `eval_seed<N>.json`: each seed's evaluation log and result",
-              "- `compliance_seed<N>.md`: each seed's compliance report", ""]
-    return "\n".join(lines)
+              "- `compliance_seed<N>.md`: each seed's compliance report"]
+    if ships_tokenizer(primary):
+        lines.append("- `tokenizer/`: the run's SentencePiece model (not a published one; not counted, as the rules say)")
+    return "\n".join(lines + [""])
+
+
+# --- the program that ships ------------------------------------------------------------------------------
+STANDARD_TOKENIZERS = ("embedded", "embedded-sp8192")  # the official sp1024 and the records' sp8192
+OPTIONAL_IMPORTS = ("zstandard", "brotli", "tqdm")  # what the core imports beyond torch, numpy, sentencepiece
+
+
+def check_program(run: Run) -> None:
+    """train_gpt.py must embed this run's configs: a quantize artifact built outside golf run (``golf stage
+    quantize``) embeds the eval's defaults, and its train_gpt.py would not reproduce the eval artifact."""
+    from gpt.training import TrainConfig
+    program = json.loads(run.quantize.file("program.json").read_text())
+    want = {"train": {k: v for k, v in run.train.config.items() if k not in TrainConfig.NOT_IN_KEY},
+            "average": run.average.config,
+            "eval": {k: v for k, v in run.eval.config.items() if k != "nproc"}}
+    for part, cfg in want.items():
+        if program.get(part) != cfg:
+            diff = sorted(k for k in set(cfg) | set(program.get(part) or {})
+                          if cfg.get(k) != (program.get(part) or {}).get(k))
+            raise SubmitError(f"{run.quantize.key}: its train_gpt.py embeds another {part} config than the run's "
+                              f"({', '.join(diff[:3]) or 'all of it'}): rebuild it with golf run")
+
+
+def requirements() -> str:
+    """requirements.txt: the packages train_gpt.py may import beyond the challenge image's torch, numpy and
+    sentencepiece, at the versions this machine has."""
+    from importlib.metadata import PackageNotFoundError, version
+    lines = []
+    for name in OPTIONAL_IMPORTS:
+        try:
+            lines.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            lines.append(name)
+    return "\n".join(lines) + "\n"
+
+
+def ships_tokenizer(run: Run) -> bool:
+    """Whether the run's tokenizer is one reviewers would not already have."""
+    cfg = run.tokenize.config
+    return cfg.get("mode") != "import" and cfg.get("tokenizer", "embedded") not in STANDARD_TOKENIZERS
+
+
+def layout_data(folder: Path, run: Run) -> Path:
+    """The run's tokenize artifact linked into ``folder`` as the records' ./data layout (what train_gpt.py reads
+    by default)."""
+    from tokenizing.dataset import Dataset
+    program = json.loads(run.quantize.file("program.json").read_text())
+    ds = Dataset.open(run.tokenize)
+    shards = Path(folder) / "data" / "datasets" / program["data"]["dataset"]
+    shards.mkdir(parents=True, exist_ok=True)
+    for p in ds.shard_paths("train") + ds.shard_paths("val"):
+        (shards / p.name).symlink_to(p.resolve())
+    tok = Path(folder) / "data" / "tokenizers" / program["data"]["tokenizer"]
+    tok.parent.mkdir(parents=True, exist_ok=True)
+    tok.symlink_to(ds.tokenizer_path.resolve())
+    return Path(folder) / "data"
+
+
+def run_program(folder: Path, seed, nproc: int, env: dict | None = None, timeout: float = 3600) -> dict:
+    """``torchrun --standalone --nproc_per_node=N train_gpt.py`` in ``folder`` with SEED=seed: its result.json
+    (from RUN_DIR, default run_seed<seed>). The environment is the bare minimum (no PYTHONPATH) plus ``env``, so the
+    program finds nothing of the project."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if k in os.environ}
+    env = {**base, "SEED": str(seed), "RUN_DIR": f"run_seed{seed}", **(env or {})}
+    proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        lines = (proc.stderr + proc.stdout).strip().splitlines()
+        # the rank's exception, not torchrun's summary of it
+        why = [x for x in lines if re.match(r"^\w*(Error|Exception|Exit)\b", x.strip())] or lines[-3:]
+        raise SubmitError(f"train_gpt.py failed in {folder} (exit {proc.returncode}): {why[-1].strip()}")
+    return json.loads((Path(folder) / env["RUN_DIR"] / "result.json").read_text())
+
+
+def verify(store: ArtifactStore, folder: Path, seed=None, nproc: int = 1, tolerance: float = 0.01) -> list[str]:
+    """Rerun the folder's train_gpt.py (in a scratch copy with ./data linked in) for one of its seeds and compare
+    it with that seed's pipeline run: the lines of the comparison. Raises SubmitError on a mismatch."""
+    sub = json.loads((Path(folder) / "submission.json").read_text())
+    by_seed = {r["seed"]: r["artifact"] for r in sub["seed_results"]}
+    seed = sub["seeds"][0] if seed is None else seed
+    if seed not in by_seed:
+        raise SubmitError(f"seed {seed} is not one of the folder's seeds ({', '.join(map(str, by_seed))})")
+    run = resolve_run(store, by_seed[seed])
+    shipped = (Path(folder) / "train_gpt.py").read_bytes()
+    if shipped != run.quantize.file("shipped_code.py").read_bytes():  # before minutes of training find it out
+        raise SubmitError(f"{folder}/train_gpt.py ({len(shipped):,} bytes) differs from the program "
+                          f"{run.quantize.key} counted ({run.quantize.metrics['code_bytes']:,} bytes)")
+    with tempfile.TemporaryDirectory(prefix="golf-verify-") as tmp:
+        shutil.copyfile(Path(folder) / "train_gpt.py", Path(tmp) / "train_gpt.py")
+        layout_data(tmp, run)
+        got = run_program(Path(tmp), seed, nproc)
+        same_blob = (Path(tmp) / f"run_seed{seed}" / "weights.bin").read_bytes() == run.quantize.file(
+            "weights.bin").read_bytes()
+    want, bpb = run.val_bpb, got["val_bpb"]
+    lines = [f"seed {seed}, {nproc} process(es): val_bpb {bpb:.10f} (pipeline {want:.10f}, diff {bpb - want:+.2e}); "
+             f"code bytes {got['code_bytes']:,} (counted {run.quantize.metrics['code_bytes']:,}); weights.bin "
+             f"{'identical' if same_blob else 'different'}"]
+    exact = nproc == 1 and run.train.metrics.get("device") == "cpu" and run.train.metrics.get("world_size") == 1
+    if got["code_bytes"] != run.quantize.metrics["code_bytes"]:
+        raise SubmitError(lines[0] + ": the code bytes differ")
+    if exact and not (same_blob and abs(bpb - want) <= 1e-9):
+        raise SubmitError(lines[0] + ": a one-process CPU rerun must reproduce the weights and val_bpb exactly")
+    if abs(bpb - want) > tolerance:
+        raise SubmitError(lines[0] + f": more than {tolerance} bpb apart")
+    return lines
 
 
 def submit(store: ArtifactStore, keys: Sequence[str], out: Path, name: str, github_id: str, author: str | None = None,
@@ -340,6 +472,7 @@ def submit(store: ArtifactStore, keys: Sequence[str], out: Path, name: str, gith
                                   + (f", and {len(problems) - 1} more" if len(problems) > 1 else "")
                                   + f"): nothing written; rebuild it with golf run --force {art.stage}")
     primary = runs[0]
+    check_program(primary)
     code = primary.quantize.file("shipped_code.py").read_bytes()
     counted = json.loads(primary.quantize.file("size.json").read_text())["code_bytes"]
     if len(code) != counted:
@@ -378,6 +511,12 @@ def submit(store: ArtifactStore, keys: Sequence[str], out: Path, name: str, gith
     tmp.mkdir(parents=True)
     try:
         (tmp / "train_gpt.py").write_bytes(code)
+        (tmp / "requirements.txt").write_text(requirements())
+        if ships_tokenizer(primary):  # reviewers lay it out as ./data/tokenizers/<name> (or set TOKENIZER_PATH)
+            from tokenizing.dataset import Dataset
+            name = json.loads(primary.quantize.file("program.json").read_text())["data"]["tokenizer"]
+            (tmp / "tokenizer").mkdir()
+            shutil.copyfile(Dataset.open(primary.tokenize).tokenizer_path, tmp / "tokenizer" / name)
         shutil.copyfile(primary.quantize.file("weights.bin"), tmp / "weights.bin")
         for r in runs:
             s = r.seed

@@ -6,20 +6,21 @@ the byte count checked against the tokenize stage's sidecar, the decode of the b
 (timed), the warm-up (not timed), the timed scoring by the shipped eval loop (``ttt.EvalLoop``) and the
 diagnostics outside the timer (no-TTT and pre-quantization scores).
 
-Part of the core: the standard library, torch, numpy, sentencepiece and the core only. It does not ship: the
-shipped program's own eval entry is ``shipped_eval``.
+Part of the core: the standard library, torch, numpy, sentencepiece and the core only. It ships: train_gpt.py
+(``program``) evaluates with it, under the eval config (``EvalConfig``, here so that it ships too).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import checks
 from .averaging import load_averaged
 from .bpb import bits_per_byte, piece_tables, token_bytes
 from .original_bytes import transformed_token_bytes
@@ -39,6 +40,43 @@ TIMER_EXCLUDES = ["process start-up and imports", "reading the val shards and co
                   "diagnostics: pre-quantization and no-TTT scores"]
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    seq_len: int = 1024          # tokens of context per window
+    stride: int = 0              # sliding-window stride (0 = non-overlapping windows; records: 64)
+    batch_seqs: int = 32         # scoring batch: batch_seqs * seq_len tokens per forward pass
+    max_tokens: int = 0          # score only the first N val tokens (0 = the whole val split)
+    doc_isolation: bool = False  # score each document with its own context only (windows never cross a BOS)
+    ttt: TTTConfig = field(default_factory=TTTConfig)  # test-time training (method none = off)
+    pre_quant: bool = True       # also score the average stage's weights (the quantization gap)
+    no_ttt_diagnostic: bool = True  # with TTT: also score the quantized model without it (the TTT gain)
+    warmup: bool = True          # run the loop on random tokens before the clock starts (CUDA init, compilation)
+    nproc: int = 1               # processes (GPUs); > 1 launches torchrun
+    device: str = "auto"         # auto | cpu | cuda
+    budget_seconds: float = 600.0  # the challenge's eval limit (0 = none); load + scoring + TTT count
+    on_budget: str = "fail"      # projected past the budget: fail (error) | stop (stop adapting, score the rest)
+
+    def __post_init__(self):
+        check_config(self)
+
+
+class EvalConfigError(ValueError):
+    pass
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Run when an EvalConfig is built (its __post_init__): a bad value is refused before any stage runs."""
+    checks.choices(cfg, "eval", {"on_budget": ("fail", "stop"), "device": ("auto", "cpu", "cuda")}, EvalConfigError)
+    checks.ints(cfg, "eval", ("seq_len", "batch_seqs", "nproc"), 1, EvalConfigError)
+    checks.ints(cfg, "eval", ("stride", "max_tokens"), 0, EvalConfigError)
+    checks.reals(cfg, "eval", ("budget_seconds",), error=EvalConfigError)
+    if cfg.ttt.method in ("lora", "phased") and not cfg.doc_isolation:
+        raise EvalConfigError(f"eval.ttt.method={cfg.ttt.method} adapts per document and scores each document on "
+                              f"its own: set eval.doc_isolation=true")
+    if not 0 <= cfg.stride <= cfg.seq_len:
+        raise EvalConfigError(f"eval.stride must be in 0..seq_len ({cfg.seq_len}), got {cfg.stride}")
+
+
 class EvalError(RuntimeError):
     pass
 
@@ -50,7 +88,7 @@ class EvalInputs:
     vocab_size: int                      # the tokenizer's pieces
     bos_id: int
     tokenizer_path: Path                 # the SentencePiece model: bytes per token from its piece table
-    byte_sidecar: Path                   # the tokenize stage's val_token_bytes.npy
+    byte_sidecar: Path | None            # the tokenize stage's val_token_bytes.npy (None: train_gpt.py has none)
     weights: Path                        # the quantize stage's weights.bin
     averaged: tuple[Path, Path] | None   # the average stage's weights.pt and average.json (pre_quant only)
     transform_ids: tuple[list[int], int] | None = None  # a text transform's operator ids and escape id (None: none)
@@ -77,6 +115,11 @@ def val_bytes(data: EvalInputs) -> int:
     if tokens.max() >= data.vocab_size:
         raise EvalError(f"val tokens reach id {tokens.max()} but the tokenizer has {data.vocab_size} pieces")
     tables = piece_tables(spm.SentencePieceProcessor(model_file=str(data.tokenizer_path)))
+    if data.byte_sidecar is None:  # train_gpt.py run from a records folder: the piece table is the count
+        if data.transform_ids is not None:
+            raise EvalError("data tokenized through a text transform is scored on its original bytes: it needs "
+                            "the byte sidecar (fineweb_val_bytes_*.bin), and none was given")
+        return int(token_bytes(tokens[1:], tables, prev=tokens[:-1]).sum())
     full = np.load(data.byte_sidecar)
     if len(full) < len(tokens):
         raise EvalError(f"the byte sidecar has {len(full):,} counts for {len(tokens):,} val tokens: not this data's")

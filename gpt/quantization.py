@@ -82,6 +82,9 @@ class QuantizeConfig:
     fit_verify_top: int = 3             # fit: score this many best-predicted fitting candidates whole, keep the best
     fit_val_bpb: bool = False           # fit: also report val_bpb of the scored candidates (report only, never chooses)
     fit_val_tokens: int = 0             # fit: val tokens for that report (0 = all)
+    # the eval config (JSON) that train_gpt.py embeds, so that its counted bytes are the shipped file's; golf run
+    # fills it from the run's eval config (golf.pipeline.ship_eval); "" = the eval's defaults
+    ship_eval: str = ""
 
     def __post_init__(self):
         allowed = {"mode": ("fixed", "fit"), "method": ("rtn", "gptq"), "float_dtype": ("float16", "float32"),

@@ -4,11 +4,11 @@
         [--stride 64] [--doc-isolation] [--ttt '{"method": "sgd"}'] [--val-bytes fineweb_val_bytes_*.bin]
     torchrun --nproc_per_node=8 shipped_code.py ...     (the same eval spread over 8 GPUs)
 
-It prints val_loss, val_bpb and the eval seconds. The quantize stage assembles this module with model,
-quant, bpb, scoring, ttt and shards into one file and counts its compressed bytes as the artifact's code
-bytes; the eval stage runs the same loop (ttt.EvalLoop), so the shipped program reproduces its score,
-test-time training included. Data tokenized through a text transform (CaseOps) is scored on its original bytes:
-pass its byte sidecar (--val-bytes, the challenge's fineweb_val_bytes_*.bin), as the records do.
+It prints val_loss, val_bpb and the eval seconds. train_gpt.py (``program``) runs this when given arguments:
+scoring a shipped weights.bin without training. The eval stage runs the same loop (ttt.EvalLoop), so it
+reproduces the stage's score, test-time training included. Data tokenized through a text transform (CaseOps) is
+scored on its original bytes: pass its byte sidecar (--val-bytes, the challenge's fineweb_val_bytes_*.bin), as
+the records do.
 """
 
 from __future__ import annotations

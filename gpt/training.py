@@ -443,6 +443,7 @@ class Trainer:
         self.ckpt_dir, self.resume_path = work / "checkpoints", work / "resume.pt"
         self.live = None      # work/metrics.live.jsonl: every step's record as it happens
         self.stopper = None   # the StopSignal of the timed loop
+        self.keep_group = False  # train_gpt.py goes on to quantize and evaluate with the same process group
 
     # --- set up ------------------------------------------------------------------------------------------
     def set_up(self) -> None:
@@ -707,7 +708,8 @@ class Trainer:
             (self.out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
         if self.ranks.distributed:
             dist.barrier()
-        self.ranks.close()
+        if not self.keep_group:
+            self.ranks.close()
         return result
 
     def summary(self, stop_reason: str, train_seconds: float) -> dict:
@@ -735,9 +737,12 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, train_shards: list[Path], vocab_size: int, out: Path, work: Path) -> dict:
-    """Train in this process (one rank of a torchrun job, or alone): the run's figures (rank 0; {} elsewhere)."""
+def train(cfg: TrainConfig, train_shards: list[Path], vocab_size: int, out: Path, work: Path,
+          keep_group: bool = False) -> dict:
+    """Train in this process (one rank of a torchrun job, or alone): the run's figures (rank 0; {} elsewhere).
+    ``keep_group``: the ranks stay in the process group afterwards (train_gpt.py evaluates with it)."""
     trainer = Trainer(cfg, train_shards, vocab_size, out, work)
+    trainer.keep_group = keep_group
     trainer.set_up()
     trainer.warm_up()
     trainer.resume()

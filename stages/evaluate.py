@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -39,53 +38,14 @@ import torch.distributed as dist
 
 from artifacts import Artifact, Stage, StageContext
 from artifacts.worker import launch_stage
-from gpt import checks
 from gpt.devices import resolve_device
 from gpt.distributed import start_distributed
-from gpt.evaluation import EvalInputs, EvalRun, evaluate_artifact
+from gpt.evaluation import EvalConfig, EvalConfigError, EvalInputs, EvalRun, check_config, evaluate_artifact  # noqa: F401
 from gpt.evaluation import TIMER_EXCLUDES, TIMER_INCLUDES, EvalError  # noqa: F401  (re-exported: the stage's error, its timer)
 from gpt.shards import load_split
-from gpt.ttt import TTTConfig
 from tokenizing.dataset import Dataset
 
 log = logging.getLogger("golf.eval")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    seq_len: int = 1024          # tokens of context per window
-    stride: int = 0              # sliding-window stride (0 = non-overlapping windows; records: 64)
-    batch_seqs: int = 32         # scoring batch: batch_seqs * seq_len tokens per forward pass
-    max_tokens: int = 0          # score only the first N val tokens (0 = the whole val split)
-    doc_isolation: bool = False  # score each document with its own context only (windows never cross a BOS)
-    ttt: TTTConfig = field(default_factory=TTTConfig)  # test-time training (method none = off)
-    pre_quant: bool = True       # also score the average stage's weights (the quantization gap)
-    no_ttt_diagnostic: bool = True  # with TTT: also score the quantized model without it (the TTT gain)
-    warmup: bool = True          # run the loop on random tokens before the clock starts (CUDA init, compilation)
-    nproc: int = 1               # processes (GPUs); > 1 launches torchrun
-    device: str = "auto"         # auto | cpu | cuda
-    budget_seconds: float = 600.0  # the challenge's eval limit (0 = none); load + scoring + TTT count
-    on_budget: str = "fail"      # projected past the budget: fail (error) | stop (stop adapting, score the rest)
-
-    def __post_init__(self):
-        check_config(self)
-
-
-class EvalConfigError(ValueError):
-    pass
-
-
-def check_config(cfg: EvalConfig) -> None:
-    """Run when an EvalConfig is built (its __post_init__): a bad value is refused before any stage runs."""
-    checks.choices(cfg, "eval", {"on_budget": ("fail", "stop"), "device": ("auto", "cpu", "cuda")}, EvalConfigError)
-    checks.ints(cfg, "eval", ("seq_len", "batch_seqs", "nproc"), 1, EvalConfigError)
-    checks.ints(cfg, "eval", ("stride", "max_tokens"), 0, EvalConfigError)
-    checks.reals(cfg, "eval", ("budget_seconds",), error=EvalConfigError)
-    if cfg.ttt.method in ("lora", "phased") and not cfg.doc_isolation:
-        raise EvalConfigError(f"eval.ttt.method={cfg.ttt.method} adapts per document and scores each document on "
-                              f"its own: set eval.doc_isolation=true")
-    if not 0 <= cfg.stride <= cfg.seq_len:
-        raise EvalConfigError(f"eval.stride must be in 0..seq_len ({cfg.seq_len}), got {cfg.stride}")
 
 
 def read_inputs(cfg: EvalConfig, inputs: Mapping[str, Artifact]) -> EvalInputs:

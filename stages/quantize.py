@@ -6,8 +6,11 @@ round to nearest or by GPTQ with Hessians from *training*-data calibration batch
 reported as ``calibration_seconds``: they count toward the training budget). Optionally the worst
 tensors get a low-rank error correction (LQER). Small control tensors stay float16/float32. Each
 (group, dtype) section is compressed with zlib, zstd-22, lzma-9e or brotli-11 (or the smallest of them),
-optionally byte-shuffled. The artifact size is the blob plus the wrapped shipped code (``shipping.assemble``);
-the blob is decoded again and compared with the in-memory quantized weights bit for bit.
+optionally byte-shuffled. The artifact size is the blob plus the wrapped shipped code: train_gpt.py
+(``shipping.assemble``), the program that reruns this whole run (train, average, quantize, eval), with the run's
+configs embedded (train's and average's from the average artifact, eval's from ``ship_eval``, which golf run fills
+in), written here as shipped_code.py and program.json; the blob is decoded again and compared with the in-memory
+quantized weights bit for bit.
 
 ``mode=fit`` searches bits x clip per group for the best predicted quality whose exact bytes fit
 ``cap_bytes - fit_margin_bytes`` (``gpt.capfit``), and writes the candidate table.
@@ -17,6 +20,7 @@ Run it alone:  golf stage quantize --input average=KEY --input tokenize=KEY --se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Mapping
 
@@ -27,11 +31,26 @@ from shipping.assemble import shipped_code
 from tokenizing.dataset import Dataset
 
 
+def data_names(vocab_size: int) -> dict:
+    """The records' names for the dataset's and tokenizer's places under ./data (train_gpt.py's defaults)."""
+    return {"dataset": f"fineweb10B_sp{vocab_size}", "tokenizer": f"fineweb_{vocab_size}_bpe.model"}
+
+
+def program_config(cfg: QuantizeConfig, avg: Artifact, ds: Dataset) -> dict:
+    """The configs train_gpt.py embeds: the run that made these weights, and the eval that will score them."""
+    report = json.loads(avg.file("average.json").read_text())
+    quantize = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ship_eval"}
+    return {"train": report.get("train_config", {}), "average": avg.config, "quantize": quantize,
+            "eval": json.loads(cfg.ship_eval) if cfg.ship_eval else {}, "data": data_names(ds.vocab_size)}
+
+
 def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     avg = inputs["average"]
     model_cfg, state = load_averaged(avg.file("weights.pt"), avg.file("average.json"))
     ds = Dataset.open(inputs["tokenize"])
-    out = quantize_weights(state, model_cfg, cfg, ds.shard_paths("train"), shipped_code(), ds.val_stream)
+    program = program_config(cfg, avg, ds)
+    out = quantize_weights(state, model_cfg, cfg, ds.shard_paths("train"), shipped_code(program), ds.val_stream)
+    (ctx.dir / "program.json").write_text(json.dumps(program, indent=2, sort_keys=True) + "\n")
     (ctx.dir / "weights.bin").write_bytes(out.blob)
     (ctx.dir / "shipped_code.py").write_text(out.wrapped_code)
     (ctx.dir / "shipped_code_readable.py").write_text(out.readable_code)

@@ -367,7 +367,8 @@ def test_submit_writes_a_records_folder_whose_train_gpt_reproduces_val_bpb(pipel
     assert sub["bytes_total"] == q.metrics["artifact_bytes"] and sub["bytes_code"] == len(code)
     assert [s["seed"] for s in sub["seed_results"]] == [1337]
     readme = (out / "README.md").read_text()
-    assert "It does not train" in readme and f"{ev.metrics['val_bpb']:.8f}" in readme
+    assert "torchrun --standalone" in readme and f"{ev.metrics['val_bpb']:.8f}" in readme
+    assert "requirements.txt" in names and (out / "requirements.txt").read_text().strip()
 
     # the README's command, run from the folder alone, gives the pipeline's val_bpb
     ds = Dataset.open(results["tokenize"].artifact)

@@ -276,7 +276,11 @@ def test_deploy_to_a_process_pool_and_run_quantize_only_through_a_worker(server,
             by_stage.setdefault(a.stage, []).append(a)
     assert sorted(by_stage) == ["compliance", "eval", "quantize"]
     q = by_stage["quantize"][0]
-    assert q.config == quantize and q.manifest["inputs"]["average"] == keys["average"]
+    # with the eval it is scored by embedded in its train_gpt.py, as golf run gives it (golf.pipeline.ship_eval)
+    from golf.pipeline import ship_eval
+    shipped = dataclasses.asdict(ship_eval({"quantize": dataclasses.replace(cfg.quantize, bits=6),
+                                            "eval": cfg.eval})["quantize"])
+    assert q.config == shipped and q.config["ship_eval"] and q.manifest["inputs"]["average"] == keys["average"]
     assert q.metrics["weights_bytes"] < store.get(keys["quantize"]).metrics["weights_bytes"]
     ev = by_stage["eval"][0]
     assert ev.manifest["inputs"] == {"quantize": q.key, "average": keys["average"], "tokenize": keys["tokenize"]}

@@ -62,11 +62,12 @@ def test_upstream_change_propagates_downstream_only(store):
 def test_code_digest_follows_the_modules_a_stage_imports():
     files = code_files("stages.quantize")
     # quantize imports the core's quantization (which imports averaging, model, gptq, the codec) and the shipped
-    # code's assembly (which names the shipped modules)
+    # program's assembly (which imports train_gpt.py's entry, and through it the training loop and the eval)
     for module in ("stages.quantize", "gpt.quantization", "gpt.averaging", "gpt.model", "gpt.quant",
-                   "shipping.assemble", "gpt.shipped_eval", "stages", "gpt", "tokenizing.dataset"):
+                   "shipping.assemble", "gpt.program", "gpt.training", "gpt.evaluation", "gpt.shipped_eval",
+                   "stages", "gpt", "tokenizing.dataset"):
         assert module in files, module
-    assert "stages.train" not in files and "stages.compliance" not in files and "gpt.training" not in files
+    assert "stages.train" not in files and "stages.compliance" not in files and "stages.evaluate" not in files
     assert "stages.train" in code_files("stages.train") and "gpt.training" in code_files("stages.train")
     d1, _ = code_digest("stages.quantize")
     assert d1 == code_digest("stages.quantize")[0]
