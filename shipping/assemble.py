@@ -24,37 +24,64 @@ from gpt import program  # noqa: F401  the shipped modules (all that it imports)
 CORE_DIR = Path(__file__).resolve().parent.parent / "gpt"
 ENTRY = "program"
 
-# serves the embedded SOURCES as the package gpt, ahead of anything on sys.path
+# serves the embedded SOURCES as the package gpt (PACKAGES: its subpackages, such as kernels), ahead of anything
+# on sys.path
 LOADER = '''import sys, linecache, importlib.abc, importlib.util
 class _Core(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
         if name == "gpt" or (name.startswith("gpt.") and name[4:] in SOURCES):
-            return importlib.util.spec_from_loader(name, self, is_package=name == "gpt")
+            return importlib.util.spec_from_loader(name, self, is_package=name == "gpt" or name[4:] in PACKAGES)
     def create_module(self, spec):
         return None
     def exec_module(self, module):
-        src = SOURCES.get(module.__name__[4:], "")
-        module.__file__ = fn = "train_gpt.py/" + module.__name__.replace(".", "/") + ".py"
+        name = module.__name__[4:]
+        src = SOURCES.get(name, "")
+        path = module.__name__.replace(".", "/") + ("/__init__" if name in PACKAGES else "")
+        module.__file__ = fn = "train_gpt.py/" + path + ".py"
         linecache.cache[fn] = (len(src), None, src.splitlines(True), fn)
         exec(compile(src, fn, "exec"), module.__dict__)
 sys.meta_path.insert(0, _Core())
 '''
 
 
+def module_file(name: str) -> Path | None:
+    """The source of a core module by its dotted name under gpt (``model``, ``kernels``, ``kernels.softcap_ce``)."""
+    base = CORE_DIR.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def is_package(name: str) -> bool:
+    path = module_file(name)
+    return path is not None and path.name == "__init__.py"
+
+
 def core_imports(name: str) -> set[str]:
-    """The core modules one core module imports (relative or as gpt.x, at the top or inside functions)."""
-    tree = ast.parse((CORE_DIR / f"{name}.py").read_text())
-    found = set()
+    """The core modules one core module imports (relative or as gpt.x, at the top or inside functions), with
+    the packages above each (importing gpt.kernels.x runs gpt/kernels/__init__.py first)."""
+    tree = ast.parse(module_file(name).read_text())
+    package = name.split(".") if is_package(name) else name.split(".")[:-1]  # relative to gpt
+    candidates = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import y, from . import x
-            found.update([node.module] if node.module else [a.name for a in node.names])
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("gpt."):
-            found.add(node.module[4:])
-        elif isinstance(node, ast.ImportFrom) and node.module == "gpt":  # from gpt import x
-            found.update(a.name for a in node.names)
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:  # from .x import y, from . import x, from ..x
+            if node.level - 1 > len(package):
+                continue
+            base = package[:len(package) - (node.level - 1)]
+            mod = base + (node.module.split(".") if node.module else [])
+            candidates += [mod] + [mod + [a.name] for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "gpt":  # from gpt(.x) import
+            mod = node.module.split(".")[1:]
+            candidates += [mod] + [mod + [a.name] for a in node.names]
         elif isinstance(node, ast.Import):
-            found.update(a.name[4:] for a in node.names if a.name.startswith("gpt."))
-    return {m.split(".")[0] for m in found if (CORE_DIR / f"{m.split('.')[0]}.py").exists()}
+            candidates += [a.name.split(".")[1:] for a in node.names if a.name.startswith("gpt.")]
+    found = set()
+    for parts in candidates:
+        for i in range(1, len(parts) + 1):
+            if module_file(".".join(parts[:i])) is not None:
+                found.add(".".join(parts[:i]))
+    return found
 
 
 def shipped_modules(entry: str = ENTRY) -> list[str]:
@@ -87,7 +114,7 @@ def minified_modules() -> dict[str, str]:
     """Each shipped module minified, once per process and source text (a sweep assembles many programs)."""
     out = {}
     for name in shipped_modules():
-        text = (CORE_DIR / f"{name}.py").read_text()
+        text = module_file(name).read_text()
         if (name, text) not in _MINIFIED:
             _MINIFIED[(name, text)] = minify(text)
         out[name] = _MINIFIED[(name, text)]
@@ -97,10 +124,13 @@ def minified_modules() -> dict[str, str]:
 def program_source(config: dict) -> str:
     """The program before wrapping: the minified modules, the loader, the configs, the call of main."""
     sources = minified_modules()
-    return (f"SOURCES = {sources!r}\n{LOADER}"
+    packages = sorted(n for n in sources if is_package(n))
+    # after a run, leave without destructors: torch.distributed's can deadlock at exit (gpt.training.KEEP_UNTIL_EXIT)
+    return (f"SOURCES = {sources!r}\nPACKAGES = {set(packages) or 'set()'!r}\n{LOADER}"
             f"CONFIG = json.loads({json.dumps(config, sort_keys=True, separators=(',', ':'))!r})\n"
-            f"if __name__ == '__main__':\n    from gpt.{ENTRY} import main\n    main(CONFIG)\n").replace(
-        "import sys, linecache", "import json, sys, linecache", 1)
+            f"if __name__ == '__main__':\n    from gpt.{ENTRY} import main\n    main(CONFIG)\n"
+            f"    import logging, os\n    logging.shutdown(); sys.stdout.flush(); sys.stderr.flush(); os._exit(0)\n"
+            ).replace("import sys, linecache", "import json, sys, linecache", 1)
 
 
 def wrap(source: str) -> str:
