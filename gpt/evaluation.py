@@ -102,6 +102,7 @@ class EvalRun:
     events: list[dict] | None            # ttt_log.jsonl's events (with TTT only)
     loop_seconds: float                  # the scoring loop's seconds, and the decode's: for the log line
     load_seconds: float
+    no_ttt_curve: np.ndarray | None = None  # nll_no_ttt_cumsum.npy (with TTT and its no-TTT diagnostic only)
 
 
 def val_bytes(data: EvalInputs) -> int:
@@ -197,12 +198,28 @@ def headline(cfg, res: dict, n_bytes: int, load_s: float, warm_s: float, world: 
     return result
 
 
-def no_ttt_diagnostic(scorer: Scorer, blob: bytes, device: torch.device, result: dict, n_bytes: int) -> dict:
-    """The quantized model scored again without TTT (a fresh decode): the TTT gain."""
+# the no-TTT score's running sum is kept at this many places along the val stream (nll_no_ttt_cumsum.npy), for
+# the report's TTT-gain curve: a per-token copy would add 8 bytes a val token (320 MB on the full val set)
+CURVE_POINTS = 1000
+
+
+def cumulative_points(nll: np.ndarray, points: int = CURVE_POINTS) -> np.ndarray:
+    """Rows of (targets scored so far, their summed NLL in nats) at up to ``points`` evenly spaced places along
+    the stream, the last target always included."""
+    if not len(nll):
+        return np.zeros((0, 2))
+    idx = np.unique(np.linspace(0, len(nll) - 1, min(points, len(nll))).astype(np.int64))
+    return np.stack([(idx + 1).astype(np.float64), np.cumsum(nll, dtype=np.float64)[idx]], axis=1)
+
+
+def no_ttt_diagnostic(scorer: Scorer, blob: bytes, device: torch.device, result: dict,
+                      n_bytes: int) -> tuple[dict, np.ndarray]:
+    """The quantized model scored again without TTT (a fresh decode): the TTT gain, and the no-TTT score's
+    running sum along the stream (``cumulative_points``)."""
     plain = scorer.score(load_model(blob).to(device), TTTConfig(), "quantized, no TTT")
     no_ttt_bpb = bits_per_byte(plain["nll"].sum(), n_bytes)
-    return {"no_ttt_val_bpb": no_ttt_bpb, "ttt_gain_bpb": result["val_bpb"] - no_ttt_bpb,
-            "no_ttt_eval_seconds": round(plain["loop_seconds"], 3)}
+    return ({"no_ttt_val_bpb": no_ttt_bpb, "ttt_gain_bpb": result["val_bpb"] - no_ttt_bpb,
+             "no_ttt_eval_seconds": round(plain["loop_seconds"], 3)}, cumulative_points(plain["nll"]))
 
 
 def pre_quant_diagnostic(scorer: Scorer, averaged: tuple[Path, Path], device: torch.device, result: dict,
@@ -234,8 +251,10 @@ def evaluate_artifact(cfg, data: EvalInputs, device: torch.device, ranks: Ranks)
     if res["graphs_compiled_in_loop"] and ranks.rank == 0:
         log.warning("%d graph(s) were compiled inside the timed eval loop (the most on one rank): a batch shape the "
                     "warm-up did not reach; their compile time is in the eval seconds", res["graphs_compiled_in_loop"])
+    curve = None
     if ttt_on and cfg.no_ttt_diagnostic:
-        result.update(no_ttt_diagnostic(scorer, blob, device, result, n_bytes))
+        plain, curve = no_ttt_diagnostic(scorer, blob, device, result, n_bytes)
+        result.update(plain)
     if cfg.pre_quant:
         result.update(pre_quant_diagnostic(scorer, data.averaged, device, result, n_bytes))
-    return EvalRun(result, res["nll"], res["events"] if ttt_on else None, res["loop_seconds"], load_s)
+    return EvalRun(result, res["nll"], res["events"] if ttt_on else None, res["loop_seconds"], load_s, curve)

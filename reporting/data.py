@@ -99,18 +99,26 @@ def doc_buckets(tok: Artifact, ev: Artifact) -> list[dict] | None:
 
 
 def ttt_curve(tok: Artifact, ev: Artifact, points: int = 400) -> dict | None:
-    """The cumulative TTT gain over the val stream (bpb so far without TTT minus with it), when eval kept the
-    no-TTT run's per-token NLLs (token_nll_no_ttt.npy); None otherwise."""
+    """The cumulative TTT gain over the val stream (bpb so far without TTT minus with it), from the no-TTT run's
+    running sum the eval stage keeps (nll_no_ttt_cumsum.npy) or its per-token NLLs (token_nll_no_ttt.npy); None
+    when eval kept neither (no TTT, or eval.no_ttt_diagnostic=false)."""
     files = ev.manifest.get("files", {})
-    if "token_nll_no_ttt.npy" not in files or "token_nll.npy" not in files:
+    if "token_nll.npy" not in files or not {"token_nll_no_ttt.npy", "nll_no_ttt_cumsum.npy"} & set(files):
         return None
     nll = np.load(ev.file("token_nll.npy"))
-    plain = np.load(ev.file("token_nll_no_ttt.npy"))
     tok_bytes = np.load(tok.file("val_token_bytes.npy"))[1:len(nll) + 1].astype(np.float64)
     cum_bytes = np.maximum(np.cumsum(tok_bytes), 1.0)
-    gain = np.cumsum(plain - nll) / math.log(2) / cum_bytes
-    idx = np.unique(np.linspace(0, len(nll) - 1, min(points, len(nll))).astype(int))
-    return {"targets": (idx + 1).tolist(), "gain_bpb": gain[idx].tolist(), "final_gain_bpb": float(gain[-1])}
+    cum_ttt = np.cumsum(nll, dtype=np.float64)
+    if "token_nll_no_ttt.npy" in files:
+        idx = np.unique(np.linspace(0, len(nll) - 1, min(points, len(nll))).astype(int))
+        cum_plain = np.cumsum(np.load(ev.file("token_nll_no_ttt.npy")), dtype=np.float64)[idx]
+    else:
+        rows = np.load(ev.file("nll_no_ttt_cumsum.npy"))
+        idx, cum_plain = rows[:, 0].astype(np.int64) - 1, rows[:, 1]
+        if len(idx) == 0 or idx[-1] != len(nll) - 1:
+            return None  # not this eval's stream
+    gain = (cum_plain - cum_ttt[idx]) / math.log(2) / cum_bytes[idx]
+    return {"targets": (idx + 1).tolist(), "gain_bpb": gain.tolist(), "final_gain_bpb": float(gain[-1])}
 
 
 def load_eval(tok: Artifact | None, art: Artifact) -> dict:

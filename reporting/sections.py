@@ -128,8 +128,8 @@ def _ttt_block(runs: Sequence[RunData]) -> Block:
     if not any(r.eval and r.eval["result"].get("ttt") for r in runs):
         why = "no test-time training in these runs (eval.ttt.method=none)"
     else:
-        why = ("the eval artifact holds no per-token NLLs without TTT (only their total, no_ttt_val_bpb, when "
-               "eval.no_ttt_diagnostic=true), so the gain along the stream is not known: only its total")
+        why = ("the eval artifact holds no running no-TTT score (nll_no_ttt_cumsum.npy: written when "
+               "eval.no_ttt_diagnostic=true), so the gain along the stream is not known")
     return Block(numbers=gains, missing=why, title="TTT gain over the val stream")
 
 

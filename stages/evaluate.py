@@ -10,7 +10,8 @@ from the average stage's weights (the quantization gap) and, with TTT, the same 
 The stage reads its inputs and writes the files; the scoring itself is gpt/evaluation.py.
 
 Files: token_nll.npy (float64 per target, stream order), eval.json, and with TTT ttt_log.jsonl (the
-order of scoring and adaptation, for the compliance stage).
+order of scoring and adaptation, for the compliance stage) and, with its no-TTT diagnostic, nll_no_ttt_cumsum.npy
+(the no-TTT score's running sum at up to 1000 places along the stream: the report's TTT-gain curve).
 
 The eval timer counts what the records' timer counts plus the weights decode: load_seconds (decode)
 + eval_seconds (scoring, incl. gathering the ranks' results) + ttt_seconds (adaptation steps). Outside
@@ -66,6 +67,8 @@ def read_inputs(cfg: EvalConfig, inputs: Mapping[str, Artifact]) -> EvalInputs:
 def write_outputs(run: EvalRun, out: Path) -> None:
     """token_nll.npy, with TTT ttt_log.jsonl, and eval.json (rank 0 only)."""
     np.save(out / "token_nll.npy", run.nll)
+    if run.no_ttt_curve is not None:
+        np.save(out / "nll_no_ttt_cumsum.npy", run.no_ttt_curve)
     if run.events is not None:
         with open(out / "ttt_log.jsonl", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in run.events)

@@ -148,6 +148,26 @@ def test_ttt_curve_from_per_token_nlls(tmp_path):
     assert curve["targets"][-1] == 1000 and len(curve["targets"]) == 50
 
 
+def test_ttt_curve_from_a_real_eval_with_ttt(pipeline_run):
+    """An eval with TTT keeps the no-TTT score's running sum: the report's curve ends at eval.json's TTT gain."""
+    from artifacts import run_stage
+    from golf.config import apply_overrides
+    from golf.report import build_report
+    from reporting.data import ttt_curve
+    from stages import evaluate
+    store, cfg, results = pipeline_run
+    cfg = apply_overrides(cfg, ["eval.ttt.method=sgd", "eval.ttt.chunk_tokens=2048", "eval.ttt.epochs=1",
+                                "eval.ttt.batch_seqs=4", "eval.stride=128", "eval.max_tokens=6144"])
+    ev = run_stage(evaluate.STAGE, cfg.eval, {r: results[r].artifact for r in evaluate.STAGE.inputs}, store).artifact
+    rows = np.load(ev.file("nll_no_ttt_cumsum.npy"))
+    assert rows.shape[1] == 2 and rows[-1, 0] == ev.metrics["val_tokens"]
+    curve = ttt_curve(results["tokenize"].artifact, ev)
+    assert curve["final_gain_bpb"] == pytest.approx(-ev.metrics["ttt_gain_bpb"], rel=1e-9, abs=1e-12)
+    page = build_report(store, [ev.key])
+    check_page(page)
+    assert "data:image/png;base64," in section_html(page, "eval").split("TTT gain over the val stream")[1]
+
+
 def test_a_train_key_gives_every_section_saying_what_is_missing(pipeline_run):
     from golf.report import build_report
     store, _, results = pipeline_run
