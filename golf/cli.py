@@ -90,10 +90,16 @@ def cmd_stage(args) -> int:
     """One stage alone, without Prefect, on the preset's config for it plus --set FIELD=VALUE; inputs by key."""
     from artifacts import run_stage
     from .config import ConfigError, apply_overrides, preset
-    from .pipeline import STAGE_BY_NAME, check_stage_names
+    from .pipeline import STAGE_BY_NAME, check_stage_names, ship_eval
     check_stage_names([args.stage])
     stage = STAGE_BY_NAME[args.stage]
-    cfg = apply_overrides(preset(args.preset), [f"{stage.name}.{s}" for s in args.set or []])
+    if args.eval_set and stage.name != "quantize":
+        raise ConfigError("--eval-set is for the quantize stage (the eval settings its train_gpt.py embeds)")
+    cfg = apply_overrides(preset(args.preset), [f"{stage.name}.{s}" for s in args.set or []] +
+                          [f"eval.{s}" for s in args.eval_set or []])
+    stage_cfg = getattr(cfg, stage.name)
+    if stage.name == "quantize" and not stage_cfg.ship_eval:  # as golf run gives it: the run's eval settings
+        stage_cfg = ship_eval({"quantize": stage_cfg, "eval": cfg.eval})["quantize"]
     store = _store(args)
     inputs = {}
     for item in args.input or []:
@@ -101,7 +107,7 @@ def cmd_stage(args) -> int:
         if not sep or role not in stage.inputs:
             raise ConfigError(f"--input expects ROLE=KEY with ROLE in: {', '.join(stage.inputs) or 'none'}")
         inputs[role] = store.get(key)
-    res = run_stage(stage, getattr(cfg, stage.name), inputs, store, force=args.force)
+    res = run_stage(stage, stage_cfg, inputs, store, force=args.force)
     print(json.dumps(res.summary(), indent=2, default=str))
     return 0
 
@@ -292,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--preset", default=DEFAULT_PRESET, help=f"the preset whose config for the stage is the base ({presets})")
     st.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override one of the stage's fields; repeatable")
     st.add_argument("--input", action="append", metavar="ROLE=KEY", help="an input artifact by key or unique prefix")
+    st.add_argument("--eval-set", action="append", metavar="FIELD=VALUE",
+                    help="quantize only: an eval field of the run, which train_gpt.py embeds (default: the preset's)")
     st.add_argument("--force", action="store_true", help="rebuild even if the artifact exists")
     st.set_defaults(fn=cmd_stage)
     c = sub.add_parser("config", help="print the resolved config")

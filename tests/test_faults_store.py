@@ -132,12 +132,13 @@ def test_content_digest_ignores_the_build_log(store):
 
 # --- a stage run by hand --------------------------------------------------------------------------------
 def test_a_stage_run_by_hand_gets_the_pipelines_key(pipeline_run):
-    """`golf stage quantize` (was `python -m stages.quantize`, whose code digest was of nothing) shares the key."""
+    """`golf stage quantize` (was `python -m stages.quantize`, whose code digest was of nothing) shares the key,
+    given the run's eval settings (FAST's eval.max_tokens), which its train_gpt.py embeds."""
     store, _, results = pipeline_run
     r = results
     out = subprocess.run([sys.executable, "-m", "golf.cli", "--store", str(store.root), "stage", "quantize",
                           "--input", f"average={r['average'].artifact.key}",
-                          "--input", f"tokenize={r['tokenize'].artifact.key}"],
+                          "--input", f"tokenize={r['tokenize'].artifact.key}", "--eval-set", "max_tokens=8192"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
