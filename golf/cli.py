@@ -9,6 +9,7 @@
     golf compare --a KEY,KEY,KEY --b KEY,KEY,KEY     one-sided Welch test of A's gain over B (eval/compliance keys)
     golf report KEY [KEY ...] [--out report.html] [--against KEY,KEY,...]   one HTML page of runs (seeds overlaid)
     golf sweep-quantize [--preset ...] [--set ...] --variant "bits=6 clip=sd:12.85" --variant ...
+    golf sweep-train [--preset ...] [--set ...] --grid train.muon_weight_decay=0.040,0.042 [--grid ...] [--fit]
     golf deploy [--pool golf] [--preset NAME] [--only NAME ...]   create/update prefect.yaml's deployments
     golf serve [--preset NAME] [--only NAME ...]     serve them from this process (no work pool, no worker)
 """
@@ -130,6 +131,24 @@ def cmd_sweep_quantize(args) -> int:
     print()
     print(format_table(out["rows"]))
     return 1 if any(r["error"] for r in out["rows"]) else 0
+
+
+def cmd_sweep_train(args) -> int:
+    """Train + quantize + eval every point of a grid; with --fit, the best val_bpb under the cap (exit 1: none fits)."""
+    import dataclasses as dc
+    from .pipeline import preflight
+    from .sweeps import grid_points, parse_grid
+    cfg = _config(args)
+    preflight(cfg)
+    grid = parse_grid(args.grid or [])
+    grid_points(cfg, grid)  # a bad key or value is one line here, before the Prefect server starts
+    from .prefect_env import ensure_server
+    ensure_server()
+    from flows.train_sweep import train_sweep_flow
+    out = train_sweep_flow(config=dc.asdict(cfg), grid=grid, mode="fit" if args.fit else "table",
+                           cap_bytes=args.cap_bytes, store_root=str(_store(args).root))
+    failed = any(r["error"] for r in out["rows"])
+    return 1 if failed or (args.fit and out["chosen"] is None) else 0
 
 
 def cmd_config(args) -> int:
@@ -312,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--variant", action="append", metavar='"FIELD=VALUE ..."',
                     help="quantize fields of one variant, space-separated; repeatable")
     sw.set_defaults(fn=cmd_sweep_quantize)
+    tw = sub.add_parser("sweep-train", help="train + quantize + eval a grid of configs; --fit picks the best that fits")
+    config_args(tw)
+    tw.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                    help="a config field and its values (train.muon_weight_decay=0.040,0.042); repeatable: every "
+                         "combination runs")
+    tw.add_argument("--fit", action="store_true", help="pick the lowest val_bpb whose artifact fits the cap")
+    tw.add_argument("--cap-bytes", type=int, default=0, help="the cap for --fit (default: quantize.cap_bytes)")
+    tw.set_defaults(fn=cmd_sweep_train)
     a = sub.add_parser("artifacts", help="list and inspect artifacts")
     a.add_argument("action", choices=["ls", "show", "verify", "path"])
     a.add_argument("key", nargs="?", help="artifact key or unique prefix")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PRESET_NAMES = ("tiny", "baseline", "record")  # the keys of golf.config.PRESETS, in its order
+PRESET_NAMES = ("tiny", "baseline", "record", "pr1886", "pr281")  # the keys of golf.config.PRESETS, in its order
 DEFAULT_PRESET = "tiny"
 PREFECT_FILE = Path(__file__).resolve().parent.parent / "prefect.yaml"  # the list of deployments
 DEFAULT_POOL = "golf"  # the work pool `golf deploy` creates or uses

@@ -16,6 +16,7 @@ from artifacts import ArtifactStore
 
 from .config import PipelineConfig
 from .pipeline import STAGE_BY_NAME, STAGES
+from .seed_stability import OUTLIER_BPB, flag_outliers
 from .stats import mean_std
 from .submit import compare_runs, format_comparison, resolve_run
 
@@ -83,13 +84,16 @@ def check_seeds(seeds: Sequence[int], baseline_keys: Sequence[str], store: Artif
 
 
 def seeds_summary(store: ArtifactStore, keys: Sequence[str], baseline_keys: Sequence[str] = (),
-                  threshold_nats: float = 0.005, alpha: float = 0.01) -> dict:
-    """Per-seed rows (val_loss, val_bpb, bytes, verdict), mean and std, and the Welch test against a baseline."""
+                  threshold_nats: float = 0.005, alpha: float = 0.01, outlier_bpb: float = OUTLIER_BPB) -> dict:
+    """Per-seed rows (val_loss, val_bpb, the TTT gain, bytes, verdict, an outlier flag naming the likely knob),
+    mean and std, and the Welch test against a baseline."""
     runs = [resolve_run(store, k) for k in keys]
     rows = [{"seed": r.seed, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+             "no_ttt_val_bpb": r.eval.metrics.get("no_ttt_val_bpb"), "ttt_gain_bpb": r.eval.metrics.get("ttt_gain_bpb"),
              "artifact_bytes": r.quantize.metrics.get("artifact_bytes"),
              "compliance": r.compliance.metrics.get("verdict") if r.compliance else None, "key": r.key}
             for r in runs]
+    rows = flag_outliers(rows, [r.eval.config.get("ttt") or {} for r in runs], outlier_bpb)
     loss, loss_sd = mean_std([r.val_loss for r in runs])
     bpb, bpb_sd = mean_std([r.val_bpb for r in runs])
     out = {"rows": rows, "mean_val_loss": loss, "std_val_loss": loss_sd, "mean_val_bpb": bpb, "std_val_bpb": bpb_sd,
@@ -103,12 +107,16 @@ def seeds_summary(store: ArtifactStore, keys: Sequence[str], baseline_keys: Sequ
 
 
 def format_seeds(summary: dict) -> str:
-    lines = [f"{'seed':>6}  {'val_loss':>10}  {'val_bpb':>10}  {'bytes':>12}  {'compliance':<10}  key"]
+    lines = [f"{'seed':>6}  {'val_loss':>10}  {'val_bpb':>10}  {'TTT gain':>9}  {'bytes':>12}  {'compliance':<10}  key"]
     for r in summary["rows"]:
-        lines.append(f"{r['seed']:>6}  {r['val_loss']:>10.6f}  {r['val_bpb']:>10.6f}  {r['artifact_bytes'] or 0:>12,}  "
-                     f"{r['compliance'] or '-':<10}  {r['key']}")
+        gain = "-" if r.get("ttt_gain_bpb") is None else f"{r['ttt_gain_bpb']:+.5f}"
+        lines.append(f"{r['seed']:>6}  {r['val_loss']:>10.6f}  {r['val_bpb']:>10.6f}  {gain:>9}  "
+                     f"{r['artifact_bytes'] or 0:>12,}  {r['compliance'] or '-':<10}  {r['key']}")
     lines.append(f"{'mean':>6}  {summary['mean_val_loss']:>10.6f}  {summary['mean_val_bpb']:>10.6f}")
     lines.append(f"{'std':>6}  {summary['std_val_loss']:>10.6f}  {summary['std_val_bpb']:>10.6f}")
+    flagged = [r for r in summary["rows"] if r.get("outlier")]
+    if flagged:
+        lines += [""] + [f"seed {r['seed']}: {r['outlier']}" for r in flagged]
     if summary["comparison"]:
         lines += ["", summary["comparison"]]
     return "\n".join(lines)

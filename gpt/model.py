@@ -8,7 +8,8 @@ Record-class features, each off by default: leaky-relu(0.5)^2, 1/sqrt(layer+1) i
 a BOS-masked SmearGate, a sparse per-head attention output gate, orthogonal initialisation, depth
 recurrence over a span of layers (run 2 or more times, with the U-Net skips re-paired over the looped
 sequence), gated skips, parallel attention/MLP lanes in late layers (one shared stream, or two lanes
-averaged at the end), a hashed bigram embedding, and attention isolated per document.
+averaged at the end), a hashed bigram embedding, attention isolated per document, NTK-aware RoPE base
+scaling and muP-scaled orthogonal output projections (PR #281's).
 
 This module is also shipped with the artifact, so it depends on torch alone.
 """
@@ -32,6 +33,9 @@ class ModelConfig:
     mlp_mult: float = 2.0       # MLP hidden width = mlp_mult * model_dim
     mlp_activation: str = "relu2"  # relu2 | leaky_relu2 (leaky slope 0.5, then squared; records: -0.002 bpb)
     rope_base: float = 10000.0
+    # a sequence longer than rope_ntk_len rotates with the base raised to base * (T / rope_ntk_len) ** (dims / (dims - 2)),
+    # so the lowest frequency still spans it
+    rope_ntk_len: int = 0       # NTK-aware RoPE: past this many tokens the base grows (0 = off; PR #281: 1024)
     rope_dims: int = 0          # rotary dims per head (0 = the whole head); records use 16 of 64
     qk_gain_init: float = 1.5   # initial per-head query gain (records: 5.0)
     logit_softcap: float = 30.0  # 0 disables
@@ -61,6 +65,9 @@ class ModelConfig:
     attn_gate_dims: int = 0     # 0 = off
     attn_gate_scale: float = 1.0
     orthogonal_init: bool = False  # Q, K, V and the MLP's input matrix start orthogonal (gain 1), as in the records
+    # the attention's and the MLP's output projections start orthogonal times 1/sqrt(2 * num_layers) instead of zero,
+    # so each block adds a small, full-rank update from step 0
+    mup_out_init: bool = False  # muP output scaling of the output projections' init (PR #281's lineage)
     bigram_buckets: int = 0     # hashed (previous, current) token-pair embedding table size (0 = off)
     bigram_dim: int = 128       # width of that table, projected to model_dim
     doc_isolation: bool = False  # attention never crosses a BOS token (document start)
@@ -68,7 +75,7 @@ class ModelConfig:
 
     def __post_init__(self):
         for name, low in (("vocab_size", 0), ("num_layers", 1), ("model_dim", 1), ("num_heads", 1), ("num_kv_heads", 1),
-                          ("rope_dims", 0), ("bigram_buckets", 0), ("bigram_dim", 1), ("bos_id", 0),
+                          ("rope_dims", 0), ("rope_ntk_len", 0), ("bigram_buckets", 0), ("bigram_dim", 1), ("bos_id", 0),
                           ("recur_passes", 2), ("attn_gate_dims", 0)):
             if type(getattr(self, name)) is not int or getattr(self, name) < low:
                 raise ValueError(f"{name} must be an integer >= {low}, not {getattr(self, name)!r}")
@@ -94,6 +101,8 @@ class ModelConfig:
         head_dim = self.model_dim // self.num_heads
         if head_dim % 2 or self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ValueError(f"rope_dims {self.rope_dims} must be even and at most the head dim {head_dim}")
+        if type(self.mup_out_init) is not bool:
+            raise ValueError(f"mup_out_init must be true or false, not {self.mup_out_init!r}")
         if self.mlp_activation not in ("relu2", "leaky_relu2"):
             raise ValueError(f"mlp_activation must be relu2 or leaky_relu2, not {self.mlp_activation!r}")
         if (self.recur_start < 0) != (self.recur_end < 0) or self.recur_end >= self.num_layers \
@@ -123,17 +132,23 @@ class Linear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, rope_dims: int, base: float):
+    def __init__(self, head_dim: int, rope_dims: int, base: float, ntk_len: int = 0):
         super().__init__()
-        self.dims = rope_dims or head_dim
-        inv_freq = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dims, self.base, self.ntk_len = rope_dims or head_dim, base, ntk_len
+        self.register_buffer("inv_freq", self.frequencies(base), persistent=False)
+
+    def frequencies(self, base: float, device=None) -> Tensor:
+        return 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32, device=device) / self.dims)
 
     def forward(self, x: Tensor) -> Tensor:
         """Rotate the first ``dims`` channels of x (B, H, T, D); leave the rest as they are."""
         T = x.size(-2)
         t = torch.arange(T, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+        inv_freq = self.inv_freq
+        if self.ntk_len and T > self.ntk_len:  # NTK-aware: a larger base for a longer sequence (T is static)
+            base = self.base * (T / self.ntk_len) ** (self.dims / max(self.dims - 2, 1))
+            inv_freq = self.frequencies(base, x.device)  # built on the device: no host copy per call
+        freqs = torch.outer(t, inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         rot, rest = x[..., : self.dims], x[..., self.dims:]
         a, b = rot[..., : self.dims // 2], rot[..., self.dims // 2:]
@@ -251,7 +266,7 @@ class Attention(nn.Module):
         self.v = Linear(cfg.model_dim, self.kv * self.d)
         self.out = Linear(self.h * self.d, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
-        self.rotary = Rotary(self.d, cfg.rope_dims, cfg.rope_base)
+        self.rotary = Rotary(self.d, cfg.rope_dims, cfg.rope_base, cfg.rope_ntk_len)
         self.xsa = cfg.xsa
         self.gate_dims, self.gate_scale = cfg.attn_gate_dims, cfg.attn_gate_scale
         if self.gate_dims:  # a plain parameter, not a Linear: Adam trains it with the scalars, never Muon or LoRA
@@ -403,6 +418,12 @@ class GPT(nn.Module):
             for block in self.blocks:
                 for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
                     nn.init.orthogonal_(linear.weight, gain=1.0)
+        if cfg.mup_out_init:
+            with torch.no_grad():
+                for block in self.blocks:
+                    for linear in (block.attn.out, block.mlp.proj):
+                        nn.init.orthogonal_(linear.weight, gain=1.0)
+                        linear.weight.mul_((2 * cfg.num_layers) ** -0.5)
         self.n_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
         n_skips = min(self.n_encoder, cfg.num_layers - self.n_encoder)
         if cfg.unet_skips and cfg.recur_resplit and cfg.has_recurrence:  # the looped sequence's halves

@@ -66,6 +66,9 @@ class TrainConfig:
     recur_from_frac: float = 0.0   # switch the model's recurrence span on at this fraction of training
     warmup_steps: int = 0          # linear LR warmup
     warmdown_frac: float = 0.25    # final fraction of the budget (time or steps) with LR decaying linearly
+    # under the wallclock cap the steps left are estimated from the mean step time so far (the official baseline's
+    # WARMDOWN_ITERS does the same)
+    warmdown_steps: int = 0        # warmdown over the last N steps, replacing warmdown_frac when > 0 (PR #281: 3000)
     min_lr_frac: float = 0.0       # LR floor during warmdown, as a fraction of the peak
     grad_clip: float = 0.0         # global grad-norm clip (0 = off)
     # global: the norm of the gradient averaged over the processes. local (the records on 8 GPUs): each process
@@ -105,7 +108,7 @@ class TrainConfig:
                     "train.ce_kernel=triton is the fused loss's kernel, but train.fused_loss=off turns that loss off")
         checks.ints(self, "train", ("seq_len", "batch_tokens", "micro_batch_tokens", "nproc", "log_every"), 1)
         checks.ints(self, "train", ("seed",), -2**63)
-        checks.ints(self, "train", ("max_steps", "muon_momentum_warmup_steps", "warmup_steps", "swa_every",
+        checks.ints(self, "train", ("max_steps", "muon_momentum_warmup_steps", "warmup_steps", "swa_every", "warmdown_steps",
                                     "compile_warmup_steps"))
         checks.reals(self, "train", ("max_seconds", "matrix_lr", "embed_lr", "scalar_lr", "muon_weight_decay",
                                      "grad_clip", "resume_every_s", "embed_weight_decay", "scalar_weight_decay"))
@@ -322,12 +325,25 @@ def build_optimizers(cfg: TrainConfig, model: GPT, device: torch.device, shard: 
     return [muon, adam]
 
 
-def lr_multiplier(cfg: TrainConfig, step: int, progress: float) -> float:
+def warmdown_left(cfg: TrainConfig, progress: float, steps_left: float | None = None) -> float | None:
+    """The fraction of the warmdown still ahead (1 at its start, 0 at the end), or None before it begins.
+
+    By steps (warmdown_steps > 0): ``steps_left`` is the trainer's estimate of the steps before the first limit;
+    by fraction: what is left of the budget's last warmdown_frac."""
+    if cfg.warmdown_steps > 0:
+        if steps_left is None or steps_left > cfg.warmdown_steps:
+            return None
+        return max(steps_left, 0.0) / cfg.warmdown_steps
+    if cfg.warmdown_frac > 0 and progress >= 1 - cfg.warmdown_frac:
+        return (1 - progress) / cfg.warmdown_frac
+    return None
+
+
+def lr_multiplier(cfg: TrainConfig, step: int, progress: float, steps_left: float | None = None) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.warmdown_frac > 0 and progress >= 1 - cfg.warmdown_frac:
-        return max((1 - progress) / cfg.warmdown_frac, cfg.min_lr_frac)
-    return 1.0
+    left = warmdown_left(cfg, progress, steps_left)
+    return 1.0 if left is None else max(left, cfg.min_lr_frac)
 
 
 def attention_backend(mcfg: ModelConfig, device: torch.device) -> str:
@@ -606,6 +622,16 @@ class Trainer:
         p = elapsed / cfg.max_seconds if cfg.max_seconds > 0 else 0.0
         return max(p, self.step_no / cfg.max_steps) if cfg.max_steps else p
 
+    def steps_left(self, elapsed: float) -> float:
+        """Steps before the first limit: the step cap's exact count, the clock's from the mean step time so far (as
+        the official baseline's iteration warmdown does; every rank agrees, elapsed coming from the all-reduce)."""
+        cfg, left = self.cfg, math.inf
+        if cfg.max_steps:
+            left = cfg.max_steps - self.step_no
+        if cfg.max_seconds > 0 and self.step_no > 0 and elapsed > 0:
+            left = min(left, (cfg.max_seconds - elapsed) / (elapsed / self.step_no))
+        return left
+
     def set_recurrence(self, progress: float) -> None:
         if self.mcfg.has_recurrence:
             active = progress >= self.cfg.recur_from_frac
@@ -630,7 +656,7 @@ class Trainer:
     def save_due(self, elapsed: float) -> tuple[bool, bool]:
         """(a warmdown checkpoint for SWA is due, a resumable snapshot is due) after this step; saves them."""
         cfg, step = self.cfg, self.step_no
-        in_warmdown = cfg.warmdown_frac > 0 and self.progress(elapsed) >= 1 - cfg.warmdown_frac
+        in_warmdown = warmdown_left(cfg, self.progress(elapsed), self.steps_left(elapsed)) is not None
         swa_due = bool(cfg.swa_every and in_warmdown and step % cfg.swa_every == 0)
         if self.master and swa_due:
             save_atomic(cpu_state(self.model), self.ckpt_dir / f"step_{step:06d}.pt")
@@ -649,7 +675,7 @@ class Trainer:
         elapsed = self.clock.before
         with StopSignal() as self.stopper:
             while (progress := self.progress(elapsed)) < 1.0:
-                lr_mult = lr_multiplier(cfg, self.step_no, progress)
+                lr_mult = lr_multiplier(cfg, self.step_no, progress, self.steps_left(elapsed))
                 self.set_recurrence(progress)
                 t_step = time.perf_counter()
                 loss_sum = self.step(self.step_no, lr_mult)

@@ -3,7 +3,9 @@
 
 Legal by construction: every adaptation step runs after the targets it trains on were scored and
 recorded, and no target is scored twice, so a target's score depends only on the artifact and the tokens
-before it (with lora_warm_a: before it in the eval's order, see lora). Each step is logged as it happens
+before it (with lora_warm_a: before it in the eval's order, see lora). The one exception is asked for by name:
+sgd with order=pre_score (PR #281's original) trains on the val stream before scoring it, and the compliance
+stage FAILs it from the log. Each step is logged as it happens
 ({"event": "score"|"adapt", "start", "end"}, target indices, half-open) for the compliance stage to replay.
 
   none    windows (sliding or not, documents isolated or not) split over ranks batch by batch
@@ -49,6 +51,7 @@ from .scoring import (document_spans, kept_logits, make_batches, padded_len, sco
 
 TTT_METHODS = ("none", "sgd", "lora", "phased")
 LORA_LAYOUTS = ("linears", "record")
+TTT_ORDERS = ("score_first", "pre_score")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,9 @@ class TTTConfig:
     # lora: keep A from one document group to the next of a rank (only B is zeroed, AdamW starts afresh), drawn
     # anew at each global phase; off: A drawn from ``seed`` for every group (records: on, TTT_WARM_START_A=1)
     lora_warm_a: bool = False
+    # pre_score is PR #281's original order, kept only so that it can be reproduced and refused: ``epochs`` passes
+    # over the whole val stream, then everything is scored; the scores then depend on the targets themselves
+    order: str = "score_first"  # sgd: score_first (each chunk scored, then trained on) | pre_score (compliance FAILs it)
 
     def __post_init__(self):
         if self.method not in TTT_METHODS:
@@ -103,6 +109,10 @@ class TTTConfig:
             raise ValueError(f"ttt.lora_betas must be two numbers in [0, 1) like 0.9,0.999, not {self.lora_betas!r}")
         if self.lora_layout not in LORA_LAYOUTS:
             raise ValueError(f"ttt.lora_layout must be one of {', '.join(LORA_LAYOUTS)}, not {self.lora_layout!r}")
+        if self.order not in TTT_ORDERS:
+            raise ValueError(f"ttt.order must be one of {', '.join(TTT_ORDERS)}, not {self.order!r}")
+        if self.order == "pre_score" and self.method != "sgd":
+            raise ValueError(f"ttt.order=pre_score is the sgd method's (PR #281), not {self.method!r}'s")
         for name in ("lora_head", "lora_warm_a"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"ttt.{name} must be true or false, not {getattr(self, name)!r}")
@@ -404,6 +414,12 @@ class EvalLoop:
         chunks = [(lo, min(lo + C, self.n)) for lo in range(0, self.n, C)]
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=self.ttt.lr, momentum=self.ttt.momentum)
+        if self.ttt.order == "pre_score":  # train on val, then score it: illegal, logged as it happens for compliance
+            for c, (lo, hi) in enumerate(chunks):
+                lr = self.ttt.lr * 0.5 * (1 + math.cos(math.pi * c / len(chunks)))
+                self.sgd_steps(lo, hi, opt, lambda k: lr, self.ttt.epochs)
+            self.score(self.windows)
+            return
         for c, (lo, hi) in enumerate(chunks):
             self.score(self.windows_in(lo, hi))
             # the last chunk is scored only: nothing after it would use the adapted weights

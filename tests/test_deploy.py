@@ -36,7 +36,7 @@ def test_prefect_yaml_lists_every_flow_with_typed_parameters_and_described_field
     from stages.quantize import QuantizeConfig
     specs = load_specs()
     names = [s.name for s in specs]
-    assert names == ["pipeline", "quantize-only", "eval-only", "seeds", "quantize-sweep"]
+    assert names == ["pipeline", "quantize-only", "eval-only", "seeds", "quantize-sweep", "train-sweep"]
     record = preset("record")
     deps, skipped = build(specs, record, str(tmp_path / "store"), project_dir="/opt/golf")
     built = {d.name: d for d in deps}
