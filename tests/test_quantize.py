@@ -188,7 +188,9 @@ def test_over_cap_fails_with_the_excess_and_nothing_is_stored(pipeline_run):
     assert set(store.keys()) == before and store.incomplete() == []
     # without fail_over_cap the artifact is kept and says it does not fit
     m = run_quantize(pipeline_run, cap_bytes=100_000, fail_over_cap=False).artifact.metrics
-    assert m["fits"] is False and m["margin_bytes"] == 100_000 - total
+    assert m["fits"] is False and m["margin_bytes"] == 100_000 - m["artifact_bytes"]
+    # the same weights; train_gpt.py embeds the quantize config, fail_over_cap's value included: a few bytes apart
+    assert abs(m["artifact_bytes"] - total) < 64
 
 
 def test_cap_fit_picks_a_candidate_under_a_small_cap_and_fails_clearly_when_none_fits(pipeline_run):
