@@ -23,7 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 from artifacts.store import default_root  # noqa: E402
 from flows.pipeline import DEFAULT_CONFIG, pipeline_flow  # noqa: E402
 from golf.config import PipelineConfig, config_from_dict  # noqa: E402
-from golf.sweeps import format_sweep, grid_points, pick_fit, point_row  # noqa: E402
+from golf.sweeps import format_sweep, grid_points, run_sweep  # noqa: E402
 
 TABLE_KEY = "golf-train-sweep"
 MODES = ("table", "fit")
@@ -48,15 +48,9 @@ def train_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, grid: dict[str, li
     cap = cap_bytes or config.quantize.cap_bytes
     points = grid_points(config, grid or {})  # every point checked before the first one trains
     store_root = store_root or str(default_root())
-    rows = []
-    for label, point in points:
-        try:
-            summaries = pipeline_flow.with_options(flow_run_name=f"point {label}"[:100])(
-                config=point, store_root=store_root, until="eval")
-            rows.append(point_row(label, summaries, cap))
-        except Exception as e:  # one point's failure is a row, not the end of the sweep
-            rows.append(point_row(label, None, cap, f"{type(e).__name__}: {e}"))
-    chosen = pick_fit(rows) if mode == "fit" else None
+    out = run_sweep(points, cap, mode == "fit", lambda label, point: pipeline_flow.with_options(
+        flow_run_name=f"point {label}"[:100])(config=point, store_root=store_root, until="eval"))
+    rows, chosen = out["rows"], out["chosen"]
     create_table_artifact(key=TABLE_KEY, table=[{k: "" if v is None else str(v) for k, v in r.items()} for r in rows],
                           description=f"training sweep over {', '.join(grid or {})}: {len(rows)} points")
     text = format_sweep(rows, chosen, cap if mode == "fit" else None)
@@ -64,4 +58,4 @@ def train_sweep_flow(config: PipelineConfig = DEFAULT_CONFIG, grid: dict[str, li
         create_markdown_artifact(key=f"{TABLE_KEY}-fit", markdown=f"```\n{text}\n```",
                                  description=f"fit: {chosen['point'] if chosen else 'no point fits the cap'}")
     print(text)
-    return {"rows": rows, "chosen": chosen, "cap_bytes": cap, "mode": mode}
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from artifacts.configs import ConfigError, apply_overrides
 
@@ -75,6 +75,20 @@ def pick_fit(rows: Sequence[dict]) -> dict | None:
     """The fitting point with the lowest val_bpb (None if none fits); a tie goes to the earlier point."""
     fitting = [r for r in rows if r["fits"] and r["error"] is None and r["val_bpb"] is not None]
     return min(fitting, key=lambda r: r["val_bpb"]) if fitting else None
+
+
+def run_sweep(points: Sequence[tuple[str, PipelineConfig]], cap_bytes: int, fit: bool,
+              run_point: Callable[[str, PipelineConfig], Sequence[dict]]) -> dict:
+    """Every point through ``run_point`` (label, config -> the pipeline's stage summaries), one after another; a
+    point that raises is a row with its error, not the end of the sweep. Prefect's flow and ``--no-prefect`` share it."""
+    rows = []
+    for label, point in points:
+        try:
+            rows.append(point_row(label, run_point(label, point), cap_bytes))
+        except Exception as e:  # diverged, out of memory, ...: the other points still run
+            rows.append(point_row(label, None, cap_bytes, f"{type(e).__name__}: {e}"))
+    return {"rows": rows, "chosen": pick_fit(rows) if fit else None, "cap_bytes": cap_bytes,
+            "mode": "fit" if fit else "table"}
 
 
 def format_sweep(rows: Sequence[dict], chosen: dict | None = None, cap_bytes: int | None = None) -> str:

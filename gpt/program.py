@@ -116,13 +116,13 @@ def set_up_logging(path: Path, master: bool) -> None:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
-def log_steps(metrics_path: Path, max_steps: int) -> None:
-    """The loop's steps as the records' log has them: step, loss, training time, mean step time."""
-    for line in metrics_path.read_text().splitlines():
-        m = json.loads(line)
+def step_logger(max_steps: int):
+    """The loop's steps as the records' log has them, as they happen: step, loss, training time, mean step time."""
+    def log_step(m: dict) -> None:
         avg_ms = m["elapsed_s"] * 1e3 / max(1, m["step"])
-        log.info("step:%d/%s train_loss:%.4f lr_mult:%.4f train_time:%.0fms step_avg:%.2fms", m["step"],
-                 max_steps or "?", m["loss"], m["lr_mult"], m["elapsed_s"] * 1e3, avg_ms)
+        log.info("step:%d/%s train_loss:%.4f lr_mult:%.4f train_time:%.0fms step_avg:%.2fms tok/s:%d", m["step"],
+                 max_steps or "?", m["loss"], m["lr_mult"], m["elapsed_s"] * 1e3, avg_ms, m["tokens_per_s"])
+    return log_step
 
 
 def average_and_quantize(s: Settings, trained: dict, train_shards: list[Path]) -> dict:
@@ -161,10 +161,10 @@ def run(s: Settings, ranks: Ranks, device: torch.device) -> dict:
     sp = spm.SentencePieceProcessor(model_file=str(s.tokenizer))
     train_shards = shards(s.data, "train")
     t0 = time.perf_counter()
-    trained = train(s.train, train_shards, sp.vocab_size(), s.run_dir, s.run_dir / "work", keep_group=True)
+    trained = train(s.train, train_shards, sp.vocab_size(), s.run_dir, s.run_dir / "work", keep_group=True,
+                    on_step=step_logger(s.train.max_steps))
     result = {}
     if ranks.rank == 0:
-        log_steps(s.run_dir / "metrics.jsonl", s.train.max_steps)
         result.update(trained_figures(trained), **average_and_quantize(s, trained, train_shards))
         result["train_and_quantize_wallclock_s"] = round(time.perf_counter() - t0, 3)
     if ranks.distributed:  # the other ranks wait here for weights.bin (gloo and NCCL wait long enough for GPTQ)

@@ -460,6 +460,7 @@ class Trainer:
         self.live = None      # work/metrics.live.jsonl: every step's record as it happens
         self.stopper = None   # the StopSignal of the timed loop
         self.keep_group = False  # train_gpt.py goes on to quantize and evaluate with the same process group
+        self.on_step = None      # rank 0, every log_every steps and the last: called with the step's record (its log)
 
     # --- set up ------------------------------------------------------------------------------------------
     def set_up(self) -> None:
@@ -647,10 +648,13 @@ class Trainer:
         self.metrics.append(rec)
         if self.live is not None:
             self.live.write(json.dumps(rec) + "\n")
-        if self.master and (self.step_no % self.cfg.log_every == 0 or self.step_no == 1):
+        last = self.progress(elapsed) >= 1.0  # the loop ends after this step: always logged
+        if self.master and (self.step_no % self.cfg.log_every == 0 or self.step_no == 1 or last):
             self.bar.set_postfix_str(f"step {self.step_no} loss {loss:.4f} {rec['tokens_per_s']:,} tok/s")
             self.bar.n = min(elapsed, self.cfg.max_seconds)
             self.bar.refresh()
+            if self.on_step is not None:
+                self.on_step(rec)
         return rec
 
     def save_due(self, elapsed: float) -> tuple[bool, bool]:
@@ -764,11 +768,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, train_shards: list[Path], vocab_size: int, out: Path, work: Path,
-          keep_group: bool = False) -> dict:
+          keep_group: bool = False, on_step=None) -> dict:
     """Train in this process (one rank of a torchrun job, or alone): the run's figures (rank 0; {} elsewhere).
-    ``keep_group``: the ranks stay in the process group afterwards (train_gpt.py evaluates with it)."""
+    ``keep_group``: the ranks stay in the process group afterwards (train_gpt.py evaluates with it).
+    ``on_step``: rank 0 calls it with each logged step's record as it happens (train_gpt.py's log lines)."""
     trainer = Trainer(cfg, train_shards, vocab_size, out, work)
-    trainer.keep_group = keep_group
+    trainer.keep_group, trainer.on_step = keep_group, on_step
     trainer.set_up()
     trainer.warm_up()
     trainer.resume()

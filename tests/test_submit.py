@@ -69,6 +69,7 @@ def test_the_folder_train_gpt_trains_and_reproduces_the_run(step_run, tmp_path):
     assert (out / "run_seed1337" / "weights.bin").read_bytes() == q.file("weights.bin").read_bytes()
     log = (out / "run_seed1337" / "train_seed1337.log").read_text()
     assert "step:8/8 train_loss:" in log and "final val_loss:" in log
+    assert log.index("step:8/8 train_loss:") < log.index("stopped by")  # logged as it happens, not after the loop
 
     two = run_program(out, 1337, 2, env={"PYTHONPATH": str(blocker), "RUN_DIR": "run_two"}, timeout=300)
     assert two["world_size"] == 2 and two["steps"] == 8

@@ -88,3 +88,28 @@ def test_cli_refuses_a_bad_grid_in_one_line_before_anything_runs(tmp_path, capsy
     assert main([*store, "sweep-train"]) == 2
     assert "at least one --grid" in capsys.readouterr().err
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("manifest.json"))
+
+
+def test_cli_sweep_without_prefect_trains_each_point_and_writes_its_table(tmp_path, capsys):
+    """`golf sweep-train --no-prefect` (the GPU bench's way: no server to carry): the same rows as the flow, the
+    fitting point chosen under the given cap, a point that fails kept as a row with its error."""
+    import json
+    from conftest import FAST
+    from golf.cli import main
+    store = ["--store", str(tmp_path / "store")]
+    sets = [a for kv in FAST for a in ("--set", kv)]
+    out = tmp_path / "sweep.json"
+    rc = main([*store, "sweep-train", "--preset", "tiny", *sets, "--no-prefect", "--json", str(out),
+               "--grid", "train.muon_weight_decay=0.0,2.0", "--fit", "--cap-bytes", "100000000"])
+    res = json.loads(out.read_text())
+    assert rc == 0, capsys.readouterr()
+    rows = res["rows"]
+    assert [r["point"] for r in rows] == ["train.muon_weight_decay=0.0", "train.muon_weight_decay=2.0"]
+    assert all(r["error"] is None and r["fits"] and r["val_bpb"] > 0 for r in rows)
+    assert len({r["train_key"] for r in rows}) == 2 and rows[0]["artifact_bytes"] != rows[1]["artifact_bytes"]
+    assert res["chosen"] == min(rows, key=lambda r: r["val_bpb"])
+    assert f"fit: {res['chosen']['point']}" in capsys.readouterr().out
+    # under a cap nothing meets, --fit exits 1 and says so
+    assert main([*store, "sweep-train", "--preset", "tiny", *sets, "--no-prefect",
+                 "--grid", "train.muon_weight_decay=0.0,2.0", "--fit", "--cap-bytes", "1000"]) == 1
+    assert "no point fits the cap" in capsys.readouterr().out
