@@ -436,6 +436,10 @@ class GPT(nn.Module):
             if cfg.bigram_buckets else None
         # whether the recurrence span runs twice; training switches it on part-way, inference keeps it on
         self.recurrence_active = cfg.has_recurrence
+        # set by the eval while every batch row holds one document (isolated windows, LoRA TTT's rows): a row's
+        # isolating mask is then the causal one, so the mask is not built (FlexAttention's block mask, built per
+        # forward outside any graph, cost more than the attention; plain causal SDPA takes its place)
+        self.rows_are_documents = False
 
     @staticmethod
     def looped_layers(cfg: ModelConfig, active: bool) -> list[int]:
@@ -488,7 +492,8 @@ class GPT(nn.Module):
         x = rms_norm(x)
         x0 = x
         # only an isolating mask needs building (outside the compiled graph); plain causal needs nothing
-        mask = document_mask(idx, self.cfg.bos_id, True) if self.cfg.doc_isolation else PLAIN_CAUSAL
+        isolate = self.cfg.doc_isolation and not self.rows_are_documents
+        mask = document_mask(idx, self.cfg.bos_id, True) if isolate else PLAIN_CAUSAL
         skips, lane1 = [], None  # lane1: the MLP lane once two-lane parallel layers begin (x is lane 0)
         for i, push, j in self.layer_plan():
             block = self.blocks[i]

@@ -35,6 +35,7 @@ updates last, is an order in which the events really happened.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import math
 import re
@@ -358,10 +359,29 @@ class EvalLoop:
         j = bisect.bisect_left(self._starts, hi)
         return [(s, n, max(a, lo), min(b, hi)) for s, n, a, b in self.windows[i:j]]
 
+    @contextlib.contextmanager
+    def rows_are_documents(self, yes: bool):
+        """With documents isolated, the scoring windows and LoRA's rows each hold one document (a row's only BOS is
+        its first token), so the model need not isolate within a row; SGD's sequences cross documents and do.
+        (A test double has no such switch.)"""
+        model = self.model
+        if self.spans is None or not hasattr(model, "rows_are_documents"):
+            yield
+            return
+        before, model.rows_are_documents = model.rows_are_documents, yes
+        try:
+            yield
+        finally:
+            model.rows_are_documents = before
+
     # --- shared-weight SGD ------------------------------------------------------------------------------------------
     def sgd_steps(self, lo: int, hi: int, opt, lr_at, epochs: int) -> None:
         """Momentum SGD on targets lo..hi-1 in seq_len sequences, each step's sequences split over ranks and
         its gradient all-reduced: every rank takes the same step."""
+        with self.rows_are_documents(False):  # stream sequences: several documents a row
+            self._sgd_steps(lo, hi, opt, lr_at, epochs)
+
+    def _sgd_steps(self, lo: int, hi: int, opt, lr_at, epochs: int) -> None:
         L, params = self.seq_len, [p for g in opt.param_groups for p in g["params"]]
         seqs = [(s, min(L, hi - s)) for s in range(lo, hi, L)]
         steps = [seqs[i:i + self.ttt.batch_seqs] for i in range(0, len(seqs), self.ttt.batch_seqs)]
@@ -536,7 +556,8 @@ class EvalLoop:
         self.model.eval()
         graphs_before = _compiled_graphs()
         self.t0 = time.perf_counter()
-        {"none": self.run_plain, "sgd": self.run_sgd, "lora": self.run_docs, "phased": self.run_docs}[self.ttt.method]()
+        with self.rows_are_documents(True):
+            {"none": self.run_plain, "sgd": self.run_sgd, "lora": self.run_docs, "phased": self.run_docs}[self.ttt.method]()
         busy = time.perf_counter() - self.t0
         compiled = _compiled_graphs() - graphs_before
         nll, count = self.nll, self.count

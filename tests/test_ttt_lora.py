@@ -18,7 +18,7 @@ from gpt.model import GPT, ModelConfig
 from gpt.scoring import document_spans, kept_logits
 from gpt.ttt import LORA_TARGETS, EvalLoop, LoRA, TTTConfig
 from stages import compliance as C
-from tests.eval_worker import BOS, VARIANTS, VOCAB, run_variant, toy_model, toy_stream
+from tests.eval_worker import BOS, SEQ_LEN, VARIANTS, VOCAB, run_variant, toy_model, toy_stream
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -312,3 +312,53 @@ def test_documents_stay_isolated_but_for_the_warm_a_carry(warm, monkeypatch):
                 assert same or (warm and g > 0), (e, g)
                 moved += [] if same else [e]
     assert bool(moved) == warm
+
+
+class AlwaysIsolating(GPT):
+    """The model as it was: it builds its isolating mask in every forward, whatever the eval says."""
+
+    @property
+    def rows_are_documents(self):
+        return False
+
+    @rows_are_documents.setter
+    def rows_are_documents(self, value):
+        pass
+
+
+@pytest.mark.parametrize("name", ["isolated", "sgd_isolated", "lora", "phased"])
+def test_isolated_rows_skip_the_mask_and_score_the_same(name, monkeypatch):
+    """Isolated windows and LoRA's rows each hold one document (a BOS only at a row's start), so a model trained
+    with doc_isolation scores them with plain causal attention: no mask is built for them (SGD's stream sequences
+    still get theirs), the scores are those of the masked model, and the switch is off again after the loop."""
+    import gpt.model as model_mod
+    cfg = ModelConfig(vocab_size=VOCAB, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, bos_id=BOS,
+                      recur_start=1, recur_end=1, recur_passes=3, doc_isolation=True)
+    torch.manual_seed(3)
+    fast, masked = GPT(cfg), AlwaysIsolating(cfg)
+    for p in fast.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    masked.load_state_dict(fast.state_dict())
+    built = []
+    real = model_mod.document_mask
+    monkeypatch.setattr(model_mod, "document_mask", lambda *a: (built.append(a[0].shape), real(*a))[1])
+    ttt = VARIANTS[name].get("ttt")
+    kw = {"ttt": replace(ttt, lora_layout="record")} if name in ("lora", "phased") else {}
+    args = dict(seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, **{**VARIANTS[name], **kw})
+    with_mask = EvalLoop(masked.eval(), toy_stream(), **args).run()
+    old_builds = len(built)
+    assert old_builds  # the old path builds a mask in every forward
+    built.clear()
+    model = fast.eval()
+    res = EvalLoop(model, toy_stream(), **args).run()
+    assert model.rows_are_documents is False
+    if name in ("isolated", "lora"):
+        assert built == []
+    else:  # SGD's sequences run through the stream, across documents: those steps still isolate, and only they
+        assert 0 < len(built) < old_builds
+    np.testing.assert_allclose(res["nll"], with_mask["nll"], rtol=0, atol=2e-5)
+    # a stream window that crosses documents still needs the mask: without doc isolation the eval leaves it on
+    built.clear()
+    EvalLoop(model, toy_stream(), seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, stride=0,
+             doc_isolation=False, ttt=TTTConfig()).run()
+    assert built
