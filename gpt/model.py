@@ -162,11 +162,17 @@ def document_ids(idx: Tensor, bos_id: int) -> Tensor:
     return torch.cumsum((idx == bos_id).to(torch.int32), dim=1)
 
 
+# flash-attn's variable-length attention, best first: FA3 (Hopper), FA4 (CuTe DSL; SM90 and SM100 kernels, pip wheels
+# only), FA2. All three take (q, k, v, cu_seqlens_q=, cu_seqlens_k=, max_seqlen_q=, max_seqlen_k=, causal=)
+FLASH_VARLEN_MODULES = ("flash_attn_interface", "flash_attn.cute", "flash_attn")
+
+
 def find_flash_varlen():
-    """flash-attn's variable-length attention, FA3 (``flash_attn_interface``, Hopper) before FA2, or None."""
-    for module in ("flash_attn_interface", "flash_attn"):
+    """The first of FLASH_VARLEN_MODULES that imports and has ``flash_attn_varlen_func``, or None."""
+    import importlib
+    for module in FLASH_VARLEN_MODULES:
         try:
-            return getattr(__import__(module), "flash_attn_varlen_func")
+            return getattr(importlib.import_module(module), "flash_attn_varlen_func")
         except Exception:  # missing, or installed against another CUDA/torch: FlexAttention serves instead
             continue
     return None

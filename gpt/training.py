@@ -34,7 +34,7 @@ from .diskio import TORCH_WRITE_FAILED, disk_refusal
 from .distributed import Ranks, average_grads, start_distributed
 from .kernels import KERNEL_CHOICES, use_triton
 from .losses import fused_softcap_cross_entropy
-from .model import GPT, Linear, ModelConfig, flops_per_token, varlen_attention_for
+from .model import FLASH_VARLEN_MODULES, GPT, Linear, ModelConfig, flops_per_token, varlen_attention_for
 from .optim import Muon
 from .progress import progress_bar
 from .shards import load_tokens
@@ -349,7 +349,13 @@ def lr_multiplier(cfg: TrainConfig, step: int, progress: float, steps_left: floa
 def attention_backend(mcfg: ModelConfig, device: torch.device) -> str:
     """Which attention kernel the model will use here, and what is installed, for the log and train.json."""
     import importlib.util
-    installed = [m for m in ("flash_attn_interface", "flash_attn") if importlib.util.find_spec(m)]
+    installed = []
+    for m in FLASH_VARLEN_MODULES:
+        try:
+            if importlib.util.find_spec(m):
+                installed.append(m)
+        except (ImportError, ValueError):  # flash_attn.cute's parent missing or broken
+            continue
     have = f"flash-attn installed: {', '.join(installed) or 'none'}"
     if not mcfg.doc_isolation:
         return f"sdpa causal (documents not isolated); {have}"

@@ -217,3 +217,27 @@ def test_flash_varlen_path_isolates_documents_like_the_dense_mask(monkeypatch):
     B, T = idx.shape
     starts = sorted({r * T for r in range(B)} | {r * T + t for r, t in (idx == 1).nonzero().tolist()})
     assert mask.cu_seqlens.tolist() == starts + [idx.numel()]
+
+
+def test_flash_varlen_lookup_prefers_fa3_then_fa4_then_fa2(monkeypatch):
+    """FA4 installs as flash_attn.cute (its SM90 kernels are the Hopper varlen path when FA3 is not built): it is
+    found after FA3 and before FA2's flash_attn, and a module without the function is passed over."""
+    import sys
+    import types
+    from gpt.model import find_flash_varlen
+
+    def module(name, has=True):
+        m = types.ModuleType(name)
+        if has:
+            m.flash_attn_varlen_func = lambda *a, **k: name
+        return m
+    for name in ("flash_attn_interface", "flash_attn", "flash_attn.cute"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "flash_attn", module("flash_attn"))
+    assert find_flash_varlen()() == "flash_attn"
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", module("flash_attn.cute"))
+    assert find_flash_varlen()() == "flash_attn.cute"
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module("flash_attn_interface", has=False))
+    assert find_flash_varlen()() == "flash_attn.cute"
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", module("flash_attn_interface"))
+    assert find_flash_varlen()() == "flash_attn_interface"
