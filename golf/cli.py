@@ -152,14 +152,14 @@ def cmd_sweep_train(args) -> int:
             return [r.summary() for r in run_pipeline(point, store, (), "eval")]
         out = run_sweep(points, cap, args.fit, run_point)
         print(format_sweep(out["rows"], out["chosen"], cap if args.fit else None))
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     else:
         from .prefect_env import ensure_server
         ensure_server()
         from flows.train_sweep import train_sweep_flow
         out = train_sweep_flow(config=dc.asdict(cfg), grid=grid, mode="fit" if args.fit else "table",
                                cap_bytes=args.cap_bytes, store_root=str(_store(args).root))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     failed = any(r["error"] for r in out["rows"])
     return 1 if failed or (args.fit and out["chosen"] is None) else 0
 
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     tw.add_argument("--fit", action="store_true", help="pick the lowest val_bpb whose artifact fits the cap")
     tw.add_argument("--cap-bytes", type=int, default=0, help="the cap for --fit (default: quantize.cap_bytes)")
     tw.add_argument("--no-prefect", action="store_true", help="run the points in this process without Prefect")
-    tw.add_argument("--json", metavar="FILE", help="--no-prefect: also write the rows and the choice to FILE")
+    tw.add_argument("--json", metavar="FILE", help="also write the rows and the choice to FILE")
     tw.set_defaults(fn=cmd_sweep_train)
     a = sub.add_parser("artifacts", help="list and inspect artifacts")
     a.add_argument("action", choices=["ls", "show", "verify", "path"])

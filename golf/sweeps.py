@@ -15,6 +15,7 @@ import itertools
 from typing import Callable, Mapping, Sequence
 
 from artifacts.configs import ConfigError, apply_overrides
+from gpt.training import TrainingInterrupted
 
 from .config import PipelineConfig
 
@@ -85,6 +86,8 @@ def run_sweep(points: Sequence[tuple[str, PipelineConfig]], cap_bytes: int, fit:
     for label, point in points:
         try:
             rows.append(point_row(label, run_point(label, point), cap_bytes))
+        except TrainingInterrupted:  # a stop signal (Ctrl-C, SIGTERM): the sweep stops, the point's snapshot kept
+            raise
         except Exception as e:  # diverged, out of memory, ...: the other points still run
             rows.append(point_row(label, None, cap_bytes, f"{type(e).__name__}: {e}"))
     return {"rows": rows, "chosen": pick_fit(rows) if fit else None, "cap_bytes": cap_bytes,

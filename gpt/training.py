@@ -346,16 +346,25 @@ def lr_multiplier(cfg: TrainConfig, step: int, progress: float, steps_left: floa
     return 1.0 if left is None else max(left, cfg.min_lr_frac)
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` is installed, importing nothing: find_spec on "flash_attn.cute" would run flash_attn's
+    __init__ (FA2's CUDA extension), and whatever that raises would end a run over a log line."""
+    import importlib.util
+    top, _, sub = module.partition(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not sub:
+        return spec is not None
+    return any((Path(d) / sub).is_dir() or (Path(d) / f"{sub}.py").is_file()
+               for d in (spec.submodule_search_locations or ()))
+
+
 def attention_backend(mcfg: ModelConfig, device: torch.device) -> str:
     """Which attention kernel the model will use here, and what is installed, for the log and train.json."""
     import importlib.util
-    installed = []
-    for m in FLASH_VARLEN_MODULES:
-        try:
-            if importlib.util.find_spec(m):
-                installed.append(m)
-        except (ImportError, ValueError):  # flash_attn.cute's parent missing or broken
-            continue
+    installed = [m for m in FLASH_VARLEN_MODULES if _installed(m)]
     have = f"flash-attn installed: {', '.join(installed) or 'none'}"
     if not mcfg.doc_isolation:
         return f"sdpa causal (documents not isolated); {have}"
@@ -467,6 +476,7 @@ class Trainer:
         self.stopper = None   # the StopSignal of the timed loop
         self.keep_group = False  # train_gpt.py goes on to quantize and evaluate with the same process group
         self.on_step = None      # rank 0, every log_every steps and the last: called with the step's record (its log)
+        self.logged_step = -1    # the last step on_step was given
 
     # --- set up ------------------------------------------------------------------------------------------
     def set_up(self) -> None:
@@ -654,14 +664,18 @@ class Trainer:
         self.metrics.append(rec)
         if self.live is not None:
             self.live.write(json.dumps(rec) + "\n")
-        last = self.progress(elapsed) >= 1.0  # the loop ends after this step: always logged
-        if self.master and (self.step_no % self.cfg.log_every == 0 or self.step_no == 1 or last):
+        if self.master and (self.step_no % self.cfg.log_every == 0 or self.step_no == 1):
             self.bar.set_postfix_str(f"step {self.step_no} loss {loss:.4f} {rec['tokens_per_s']:,} tok/s")
             self.bar.n = min(elapsed, self.cfg.max_seconds)
             self.bar.refresh()
-            if self.on_step is not None:
-                self.on_step(rec)
+            self.log_step(rec)
         return rec
+
+    def log_step(self, rec: dict) -> None:
+        """``on_step`` once per logged step (the loop's last step is logged after the loop, whatever its number)."""
+        if self.on_step is not None and rec["step"] != self.logged_step:
+            self.on_step(rec)
+            self.logged_step = rec["step"]
 
     def save_due(self, elapsed: float) -> tuple[bool, bool]:
         """(a warmdown checkpoint for SWA is due, a resumable snapshot is due) after this step; saves them."""
@@ -706,6 +720,8 @@ class Trainer:
                     stop_now = stop_now or late
                 if stop_now:  # a stop signal on some rank: every rank saves where it is, then the run ends
                     self.stop(elapsed, saved=snapshot_due)
+            if self.master and self.metrics:
+                self.log_step(self.metrics[-1])
             # a signal after the last step's check: the same, rather than finishing with the stop forgotten
             if self.agree(torch.zeros((), device=self.device))[2]:
                 self.stop(elapsed, saved=False)

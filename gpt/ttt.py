@@ -285,6 +285,7 @@ class EvalLoop:
         self.tokens = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
         self.n = len(tokens) - 1
         self.spans = document_spans(tokens, bos_id) if doc_isolation else None
+        self.bos_id = bos_id
         self.windows = stream_windows(len(tokens), seq_len, stride, self.spans)
         # fixed shapes (on CUDA unless told): compiled kernels are reused
         self.fixed = self.device.type == "cuda" if fixed is None else fixed
@@ -365,7 +366,9 @@ class EvalLoop:
         its first token), so the model need not isolate within a row; SGD's sequences cross documents and do.
         (A test double has no such switch.)"""
         model = self.model
-        if self.spans is None or not hasattr(model, "rows_are_documents"):
+        # documents are cut at the eval's BOS; a model that isolates at another token would see other documents
+        same_bos = getattr(getattr(model, "cfg", None), "bos_id", None) == self.bos_id
+        if self.spans is None or not hasattr(model, "rows_are_documents") or not same_bos:
             yield
             return
         before, model.rows_are_documents = model.rows_are_documents, yes

@@ -241,3 +241,20 @@ def test_flash_varlen_lookup_prefers_fa3_then_fa4_then_fa2(monkeypatch):
     assert find_flash_varlen()() == "flash_attn.cute"
     monkeypatch.setitem(sys.modules, "flash_attn_interface", module("flash_attn_interface"))
     assert find_flash_varlen()() == "flash_attn_interface"
+
+
+def test_the_attention_log_line_imports_no_flash_attn(tmp_path, monkeypatch):
+    """train.json's attention line names what is installed without importing it: a flash_attn whose __init__
+    raises (a build for another CUDA) must not end a run over a log line, and FA4's flash_attn.cute is seen."""
+    import sys
+    from gpt.model import ModelConfig
+    from gpt.training import attention_backend
+    pkg = tmp_path / "flash_attn"
+    (pkg / "cute").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('built for another CUDA')\n")
+    (pkg / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute", "flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    line = attention_backend(ModelConfig(vocab_size=64, doc_isolation=True), torch.device("cpu"))
+    assert "flash-attn installed: flash_attn.cute, flash_attn" in line and "flash_attn" not in sys.modules

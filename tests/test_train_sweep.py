@@ -113,3 +113,25 @@ def test_cli_sweep_without_prefect_trains_each_point_and_writes_its_table(tmp_pa
     assert main([*store, "sweep-train", "--preset", "tiny", *sets, "--no-prefect",
                  "--grid", "train.muon_weight_decay=0.0,2.0", "--fit", "--cap-bytes", "1000"]) == 1
     assert "no point fits the cap" in capsys.readouterr().out
+
+
+def test_a_failing_point_is_a_row_but_a_stop_signal_ends_the_sweep(fast_cfg):
+    from gpt.training import TrainingInterrupted
+    from golf.sweeps import run_sweep
+    points = grid_points(fast_cfg, {"train.seed": ["1", "2"]})
+    ran = []
+
+    def diverges(label, point):
+        ran.append(label)
+        raise RuntimeError("training loss is nan at step 3")
+    out = run_sweep(points, 100, True, diverges)
+    assert len(ran) == 2 and all("RuntimeError: training loss is nan" in r["error"] for r in out["rows"])
+    assert out["chosen"] is None
+
+    def stopped(label, point):
+        ran.append(label)
+        raise TrainingInterrupted("stopped by SIGTERM at step 3")
+    ran.clear()
+    with pytest.raises(TrainingInterrupted):
+        run_sweep(points, 100, True, stopped)
+    assert ran == ["train.seed=1"]  # the second point never started

@@ -357,6 +357,10 @@ def test_isolated_rows_skip_the_mask_and_score_the_same(name, monkeypatch):
     else:  # SGD's sequences run through the stream, across documents: those steps still isolate, and only they
         assert 0 < len(built) < old_builds
     np.testing.assert_allclose(res["nll"], with_mask["nll"], rtol=0, atol=2e-5)
+    # documents cut at another BOS than the model's: the model's own isolation is kept
+    built.clear()
+    EvalLoop(model, toy_stream(), **{**args, "bos_id": BOS + 1}).run()
+    assert built
     # a stream window that crosses documents still needs the mask: without doc isolation the eval leaves it on
     built.clear()
     EvalLoop(model, toy_stream(), seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, stride=0,
