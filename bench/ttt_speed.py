@@ -21,6 +21,7 @@ Writes DIR/ttt_speed.json and DIR/ttt_speed.md (DIR: --out, else $OUT, else ./tt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -50,7 +51,10 @@ class AlwaysIsolating(GPT):
         pass
 
 
-VARIANTS = {"now": GPT, "masked": AlwaysIsolating}
+# name: (the model's class, TTT fields changed from the preset's)
+VARIANTS = {"now": (GPT, {}), "masked": (AlwaysIsolating, {}),
+            "eager": (GPT, {"lora_compile": "off"}), "static": (GPT, {"lora_compile": "static"}),
+            "dynamic": (GPT, {"lora_compile": "dynamic"})}
 
 
 def documents(n_docs: int, vocab: int, bos: int, seed: int = 0, mean_log: float = 6.6) -> np.ndarray:
@@ -66,15 +70,34 @@ def documents(n_docs: int, vocab: int, bos: int, seed: int = 0, mean_log: float 
     return np.concatenate(docs).astype(np.int64)
 
 
+@contextlib.contextmanager
+def profiled(path: Path | None, device: torch.device):
+    """torch.profiler around the block when ``path`` is given; the op tables (by device time, by CPU time) go there."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        yield
+    ka = prof.key_averages()
+    by_device = ka.table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                         row_limit=40)
+    path.write_text("## by self device time\n" + by_device + "\n## by CPU time\n"
+                    + ka.table(sort_by="cpu_time_total", row_limit=40) + "\n")
+
+
 def main() -> None:
     from golf.config import apply_overrides, preset
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="pr1886")
     ap.add_argument("--docs", type=int, default=64, help="documents to score (64: one LoRA group of the record's)")
-    ap.add_argument("--variants", default="now,masked")
+    ap.add_argument("--variants", default="now,masked", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an eval field (eval. is implied)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up (its compiles land in the loop)")
     ap.add_argument("--shrink", action="store_true", help="a small model and short windows (a CPU smoke run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over each variant's timed loop: its top ops by device and CPU time to DIR")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     out = a.out or Path(os.environ.get("OUT") or "ttt_speed_out")
@@ -98,21 +121,26 @@ def main() -> None:
     torch.manual_seed(0)
     state = GPT(m).state_dict()
     for name in a.variants.split(","):
-        model = VARIANTS[name](m)
+        model_class, changes = VARIANTS[name]
+        ttt = dataclasses.replace(e.ttt, **changes)
+        model = model_class(m)
         model.load_state_dict(state)
         model = model.to(device).eval()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         warm_s = 0.0
         if not a.no_warmup:
-            warm_s = warm_up(model, vocab, m.bos_id, max(4 * e.seq_len, 2 * e.ttt.chunk_tokens), ttt=e.ttt, **loop_args)
+            warm_s = warm_up(model, vocab, m.bos_id, max(4 * e.seq_len, 2 * ttt.chunk_tokens), ttt=ttt, **loop_args)
         t = time.perf_counter()
-        res = EvalLoop(model, tokens, bos_id=m.bos_id, ttt=e.ttt, **loop_args).run()
+        with profiled(out / f"profile_{name}.txt" if a.profile else None, device):
+            res = EvalLoop(model, tokens, bos_id=m.bos_id, ttt=ttt, **loop_args).run()
         wall = time.perf_counter() - t
         n = len(res["nll"])
         row = {"variant": name, "docs": a.docs, "tokens": n, "warmup_s": round(warm_s, 1),
                "loop_s": round(res["loop_seconds"], 2), "tokens_per_s": round(n / res["loop_seconds"]),
-               "ttt_s": round(res["ttt_seconds"], 2), "graphs_compiled_in_loop": res["graphs_compiled_in_loop"],
+               "ttt_s": round(res["ttt_seconds"], 2),
+               # LoRA's computed positions (each chunk's context too) per second: how busy the device was
+               "lora_positions_per_s": round(res["lora_positions"] / res["loop_seconds"]), "graphs_compiled_in_loop": res["graphs_compiled_in_loop"],
                "mean_nll": float(res["nll"].mean()), "wall_s": round(wall, 1),
                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
         rows.append(row)

@@ -101,7 +101,10 @@ def record() -> PipelineConfig:
                                       lora_betas="0,0.99", lora_wd=0.5, lora_chunk=48, lora_docs=64,
                                       lora_layout="record", lora_head=True, lora_warm_a=True,
                                       phase_docs=2500, phases=3, phase_lr=1e-3, momentum=0.9, batch_seqs=32,
-                                      grad_clip=1.0)),
+                                      grad_clip=1.0,
+                                      # as the record compiles its TTT forward (dynamic shapes); on one H200 the
+                                      # loop went from 0.7-1.2K to 2.0-2.6K tok/s (BENCHMARKS.md, "TTT eval")
+                                      lora_compile="dynamic")),
     )
 
 

@@ -85,9 +85,10 @@ def window_tensors(tokens: torch.Tensor, T: int, rows: int, windows: list):
     return x, y, keep
 
 
-def kept_logits(model, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Logits (float32) at the kept positions, in row-major order."""
-    return model.project(model.hidden(x)[keep])
+def kept_logits(model, x: torch.Tensor, keep: torch.Tensor, hidden=None) -> torch.Tensor:
+    """Logits (float32) at the kept positions, in row-major order; ``hidden``: the forward to take hidden states
+    from (the model's own by default)."""
+    return model.project((hidden or model.hidden)(x)[keep])
 
 
 def kept_nll(model, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, rows: int = 16384) -> torch.Tensor:

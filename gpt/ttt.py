@@ -53,6 +53,7 @@ from .scoring import (document_spans, kept_logits, make_batches, padded_len, sco
 TTT_METHODS = ("none", "sgd", "lora", "phased")
 LORA_LAYOUTS = ("linears", "record")
 TTT_ORDERS = ("score_first", "pre_score")
+LORA_COMPILE = ("off", "static", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ class TTTConfig:
     # lora: keep A from one document group to the next of a rank (only B is zeroed, AdamW starts afresh), drawn
     # anew at each global phase; off: A drawn from ``seed`` for every group (records: on, TTT_WARM_START_A=1)
     lora_warm_a: bool = False
+    # lora and phased, on CUDA: the adapted forward run by torch.compile (hooks and all). off: eager, padded to
+    # power-of-two lengths with every row; static: compiled, one graph per padded length; dynamic: one graph for
+    # every length (as the 1.0611 record compiles its TTT forward), so windows keep their exact length and finished
+    # documents leave the batch. Same scores up to float rounding. The CPU always runs eager and exact.
+    lora_compile: str = "off"
     # pre_score is PR #281's original order, kept only so that it can be reproduced and refused: ``epochs`` passes
     # over the whole val stream, then everything is scored; the scores then depend on the targets themselves
     order: str = "score_first"  # sgd: score_first (each chunk scored, then trained on) | pre_score (compliance FAILs it)
@@ -110,6 +116,8 @@ class TTTConfig:
             raise ValueError(f"ttt.lora_betas must be two numbers in [0, 1) like 0.9,0.999, not {self.lora_betas!r}")
         if self.lora_layout not in LORA_LAYOUTS:
             raise ValueError(f"ttt.lora_layout must be one of {', '.join(LORA_LAYOUTS)}, not {self.lora_layout!r}")
+        if self.lora_compile not in LORA_COMPILE:
+            raise ValueError(f"ttt.lora_compile must be one of {', '.join(LORA_COMPILE)}, not {self.lora_compile!r}")
         if self.order not in TTT_ORDERS:
             raise ValueError(f"ttt.order must be one of {', '.join(TTT_ORDERS)}, not {self.order!r}")
         if self.order == "pre_score" and self.method != "sgd":
@@ -297,6 +305,7 @@ class EvalLoop:
         self.events: list[tuple] = []
         self.updates = 0  # shared-weight updates so far (the same on every rank)
         self.seconds = {"score": 0.0, "adapt": 0.0}
+        self.positions = 0  # batch positions LoRA's forwards computed (context and padding included): its real work
         self.budget_s, self.on_budget, self.spent_s = budget_s, on_budget, spent_s
         self.stopped: dict | None = None
         self.progress = progress
@@ -489,7 +498,14 @@ class EvalLoop:
     def lora_group(self, group: list[int]) -> None:
         """Score-then-adapt, chunk by chunk, for a batch of documents with one adapter row each."""
         cfg, C, L = self.ttt, self.ttt.lora_chunk, self.seq_len
-        rows = cfg.lora_docs if self.fixed else len(group)
+        # padded (power-of-two lengths, every row) only for kernels compiled per shape; exact otherwise
+        mode = lora_compile_mode(cfg, self.device)
+        dynamic = mode == "dynamic"
+        exact = not self.fixed or dynamic
+        # adapter rows: one per document, or always lora_docs where shapes are fixed (parameters' shapes are static
+        # in a dynamic graph too)
+        rows = cfg.lora_docs if self.fixed or dynamic else len(group)
+        hidden = lora_hidden(self.model, mode)
         spans = [self.doc_targets(d) for d in group]
         n_steps = max(math.ceil((b - a) / C) for a, b in spans)
         base = list(self.model.parameters())
@@ -514,18 +530,27 @@ class EvalLoop:
                     wins.append((max(a, hi - L), hi - max(a, hi - L), lo, hi) if lo < b else (0, 0, 0, 0))
                 # adapt on the chunk just scored, except a document's last one (nothing after it to help)
                 train = [lo < hi < b for (_, _, lo, hi), (_, b) in zip(wins, spans)]
-                T = padded_len(max(w[1] for w in wins), L, self.fixed)
-                if self.fixed:  # every row, done or not: one shape per length
+                T = padded_len(max(w[1] for w in wins), L, not exact)
+                if not exact:  # every row, done or not: one shape per length
                     batch = window_tensors(self.tokens, T, rows, wins)
                 else:  # only the documents still going
                     active = [r for r, w in enumerate(wins) if w[1]]
+                    batch_wins = [wins[r] for r in active]
+                    if dynamic and len(active) == 1 and rows > 1:
+                        # a batch of one would specialise the dynamic graph (a compile in the loop): an empty row,
+                        # on an adapter row no document of this step uses, goes with it (nothing scored, no gradient)
+                        active.append(1 - min(active[0], 1))
+                        batch_wins.append((0, 0, 0, 0))
                     lora.rows = torch.tensor(active, device=self.device)
-                    batch = window_tensors(self.tokens, T, len(active), [wins[r] for r in active])
+                    batch = window_tensors(self.tokens, T, len(active), batch_wins)
                 x, y, keep = (v.to(self.device) for v in batch)
+                self.positions += x.numel()
                 lora.begin(batch[2])  # the per-call counts start again; the head learns each position's row
-                with torch.set_grad_enabled(any(train)), \
+                # dynamic: with gradients even when nothing trains (a document group's last step), as the record
+                # does: a gradient-free forward would be a second graph to compile
+                with torch.set_grad_enabled(any(train) or dynamic), \
                         torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    logits = kept_logits(self.model, x, keep)
+                    logits = kept_logits(self.model, x, keep, hidden)
                 lora.end()
                 tgt = y[keep]
                 nll = F.cross_entropy(logits.detach().double(), tgt, reduction="none").cpu().numpy()
@@ -584,7 +609,33 @@ class EvalLoop:
         loop, _, adapt = stats
         return {"nll": nll, "events": merge_events(events), "loop_seconds": loop, "ttt_seconds": adapt,
                 "score_seconds": loop - adapt, "budget_stop": next((s for s in stopped if s), None),
-                "adapt_steps": sum(1 for e in events if e[4] == "adapt"), "graphs_compiled_in_loop": compiled}
+                "adapt_steps": sum(1 for e in events if e[4] == "adapt"), "graphs_compiled_in_loop": compiled,
+                "lora_positions": self.positions}
+
+
+_COMPILED_HIDDEN: dict = {}
+# lora_compile runs on CUDA only: on the CPU, inductor's C++ build costs minutes and the eager forward is as fast.
+# Tests switch it on for the CPU with a backend that builds nothing (aot_eager: dynamo's graphs, run eagerly).
+COMPILE_ON_CPU = False
+COMPILE_BACKEND = "inductor"
+
+
+def lora_compile_mode(cfg: TTTConfig, device: torch.device) -> str:
+    """The lora_compile that applies on this device (off on the CPU unless a test asks)."""
+    return cfg.lora_compile if device.type == "cuda" or COMPILE_ON_CPU else "off"
+
+
+def lora_hidden(model, mode: str):
+    """The model's hidden-state forward for LoRA's batches: its own (off), or torch.compile's of the model's class
+    method, made once per mode and class and shared by every loop and model copy (the warm-up's graphs serve the
+    timed loop; the hooks and the model are inputs the graphs guard on)."""
+    if mode == "off":
+        return model.hidden
+    key = (type(model), mode, COMPILE_BACKEND)
+    if key not in _COMPILED_HIDDEN:
+        _COMPILED_HIDDEN[key] = torch.compile(type(model).hidden, dynamic=mode == "dynamic", backend=COMPILE_BACKEND)
+    fn = _COMPILED_HIDDEN[key]
+    return lambda x: fn(model, x)
 
 
 def _compiled_graphs() -> int:
@@ -642,7 +693,11 @@ def warm_up(model, vocab_size: int, bos_id: int, n_tokens: int, ttt: TTTConfig, 
     per-document TTT a plain scoring pass follows: past its budget the eval scores the rest that way."""
     t = time.perf_counter()
     per_doc = ttt.method in ("lora", "phased")
-    tokens = warm_up_tokens(vocab_size, bos_id, n_tokens, loop_args["seq_len"], ttt.lora_docs if per_doc else 1)
+    # a graph per padded length and batch needs a full group of each length; lora_compile=dynamic's one graph needs
+    # two documents of each (batches of one document specialise)
+    dynamic = lora_compile_mode(ttt, torch.device(loop_args["device"])) == "dynamic"
+    per_length = (2 if dynamic else ttt.lora_docs) if per_doc else 1
+    tokens = warm_up_tokens(vocab_size, bos_id, n_tokens, loop_args["seq_len"], per_length)
     # SGD and phased TTT change the weights: they warm up on a copy (LoRA removes its adapters when done)
     warm = copy.deepcopy(model) if ttt.method in ("sgd", "phased") else model
     for method_cfg in [ttt] + ([TTTConfig()] if per_doc else []):

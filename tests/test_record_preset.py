@@ -42,6 +42,7 @@ def test_the_preset_says_what_the_record_runs():
     assert (e.seq_len, e.stride, e.doc_isolation, e.ttt.method) == (2048, 0, True, "phased")
     assert (e.ttt.lora_rank, e.ttt.lora_alpha, e.ttt.lora_lr, e.ttt.lora_wd, e.ttt.phase_docs) == (80, 144.0, 1e-4, 0.5, 2500)
     assert (e.ttt.lora_layout, e.ttt.lora_head, e.ttt.lora_warm_a) == ("record", True, True)
+    assert e.ttt.lora_compile == "dynamic"  # the TTT forward compiled as the record does (CUDA only)
 
 
 def test_the_baseline_preset_has_none_of_the_record_features():

@@ -366,3 +366,34 @@ def test_isolated_rows_skip_the_mask_and_score_the_same(name, monkeypatch):
     EvalLoop(model, toy_stream(), seq_len=SEQ_LEN, batch_seqs=4, device="cpu", bos_id=BOS, stride=0,
              doc_isolation=False, ttt=TTTConfig()).run()
     assert built
+
+
+@pytest.mark.parametrize("name", ["lora", "phased_record"])
+def test_compiled_dynamic_lora_scores_as_eager_with_one_graph_warmed_up(name, monkeypatch):
+    """lora_compile=dynamic (on CUDA; here on the CPU with dynamo's graphs run by aot_eager): the adapted forward is
+    one compiled graph for every window length and batch size, reached by the warm-up (nothing compiles in the timed
+    loop), and the exact-length batches that drop finished documents score what the padded eager batches do, with
+    the same adapt steps and timeline. On the CPU without the switch it stays eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from gpt.ttt import lora_compile_mode, warm_up
+    base = VARIANTS[name]
+    dyn = replace(base["ttt"], lora_compile="dynamic")
+    assert lora_compile_mode(dyn, torch.device("cpu")) == "off"  # the default on the CPU: nothing is compiled
+    eager = _fixed(name, looped_model(), ttt=base["ttt"])  # padded, every row: what CUDA ran before
+    monkeypatch.setattr(ttt_mod, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(ttt_mod, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(ttt_mod, "_COMPILED_HIDDEN", {})
+    torch._dynamo.reset()
+    model = looped_model()
+    loop_args = dict(seq_len=SEQ_LEN, stride=base["stride"], batch_seqs=4, device="cpu", doc_isolation=True)
+    before = counters["stats"]["unique_graphs"]
+    warm_up(copy.deepcopy(model), VOCAB, BOS, 4 * SEQ_LEN, ttt=dyn, **loop_args)
+    # one graph for LoRA's forward (phased: plus the SGD phases' own, eager model: none)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    res = _fixed(name, model, ttt=dyn)
+    assert res["graphs_compiled_in_loop"] == 0
+    np.testing.assert_allclose(res["nll"], eager["nll"], rtol=0, atol=1e-5)
+    assert res["events"] == eager["events"] and res["adapt_steps"] == eager["adapt_steps"] > 0
+    assert res["lora_positions"] < eager["lora_positions"]  # no padding, no finished rows computed
+    torch._dynamo.reset()

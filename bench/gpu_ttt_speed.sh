@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The TTT eval's speed on one GPU, no artifacts (bench/ttt_speed.py): the preset's LoRA forward eager and padded
+# (lora_compile=off) against compiled with one dynamic graph and exact shapes (dynamic), then a profile of a short
+# eager run (its top ops by device and CPU time). Carry nothing.
+#   device: bash bench/gpu_ttt_speed.sh  ->  $OUT/speed/ttt_speed.{json,md}, $OUT/profile/profile_*.txt
+set -u
+START=$(date +%s); LIMIT=${LIMIT:-580}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+left() { echo $(( LIMIT - ($(date +%s) - START) )); }
+nvidia-smi -L
+timeout "$(( $(left) - ${PROFILE_S:-120} ))" python3 bench/ttt_speed.py --preset "${PRESET:-pr1886}" --docs "${DOCS:-64}" \
+  --variants "${VARIANTS:-dynamic,eager}" --out "$OUT/speed" 2>&1 | grep -v Warning | tail -30
+echo "speed: exit ${PIPESTATUS[0]} at $(( $(date +%s) - START )) s"
+timeout "$(left)" python3 bench/ttt_speed.py --preset "${PRESET:-pr1886}" --docs 8 --variants "${PROFILE_VARIANTS:-eager}" \
+  --profile --out "$OUT/profile" 2>&1 | tail -5
+echo "profile: exit ${PIPESTATUS[0]} at $(( $(date +%s) - START )) s"
