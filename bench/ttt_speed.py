@@ -118,6 +118,7 @@ def main() -> None:
     loop_args = dict(seq_len=e.seq_len, stride=e.stride, batch_seqs=e.batch_seqs, device=device,
                      doc_isolation=e.doc_isolation)
     rows = []
+    (out / "ttt_speed_rows.jsonl").unlink(missing_ok=True)
     torch.manual_seed(0)
     state = GPT(m).state_dict()
     for name in a.variants.split(","):
@@ -129,6 +130,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         warm_s = 0.0
+        print(f"{time.strftime('%T')} {name}: warm-up{' skipped' if a.no_warmup else ''}", flush=True)
         if not a.no_warmup:
             warm_s = warm_up(model, vocab, m.bos_id, max(4 * e.seq_len, 2 * ttt.chunk_tokens), ttt=ttt, **loop_args)
         t = time.perf_counter()
@@ -145,6 +147,7 @@ def main() -> None:
                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        (out / "ttt_speed_rows.jsonl").open("a").write(json.dumps(row) + "\n")  # kept if a later variant runs out of time
     meta = {"preset": a.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "model": dataclasses.asdict(m), "eval": dataclasses.asdict(e),
             "shrink": a.shrink, "warmup": not a.no_warmup}
