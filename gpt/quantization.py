@@ -85,6 +85,9 @@ class QuantizeConfig:
     # the eval config (JSON) that train_gpt.py embeds, so that its counted bytes are the shipped file's; golf run
     # fills it from the run's eval config (golf.pipeline.ship_eval); "" = the eval's defaults
     ship_eval: str = ""
+    # mode=fixed: take weights.bin from a quantize artifact of the same store made by the same code from the same
+    # inputs with the same settings, but another embedded eval (or cap): an eval-only change then costs no GPTQ
+    reuse_weights: bool = True
 
     def __post_init__(self):
         allowed = {"mode": ("fixed", "fit"), "method": ("rtn", "gptq"), "float_dtype": ("float16", "float32"),
@@ -237,6 +240,12 @@ def calibrate(state: dict, model_cfg: ModelConfig, train_shards: list[Path], cfg
              f"{len(tokens):,}", ", ".join(shards), calib_s)
     return hessians, CalibrationRecord(source="train", shards=tuple(shards), tokens=int(len(tokens)),
                                        seconds=round(calib_s, 3))
+
+
+QuantizeConfig.NOT_IN_KEY = ("reuse_weights",)  # the same weights either way (GPU rounding aside)
+# fields that change the shipped code or the cap check but not the weights (mode=fixed): the weights of an artifact
+# that differs only in these can be reused
+WEIGHTS_INDEPENDENT = ("ship_eval", "reuse_weights", "fail_over_cap", "cap_bytes")
 
 
 def quantize_weights(state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg: QuantizeConfig,

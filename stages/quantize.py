@@ -22,13 +22,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 from typing import Mapping
 
 from artifacts import Artifact, Stage, StageContext
+from artifacts.runner import code_digest
+from artifacts.store import file_problems
 from gpt.averaging import load_averaged
-from gpt.quantization import CAP_BYTES, OverCap, QuantizeConfig, quantize_weights  # noqa: F401  (the stage's config)
+from gpt.quantization import (CAP_BYTES, WEIGHTS_INDEPENDENT, OverCap, QuantizeConfig,  # noqa: F401  (the stage's config)
+                              check_cap, quantize_weights)
 from shipping.assemble import shipped_code
 from tokenizing.dataset import Dataset
+
+log = logging.getLogger("golf.quantize")
+# what a reused artifact's files give this one as they are (size.json and the code are made anew)
+REUSED_FILES = ("weights.bin", "calibration.json")
 
 
 def data_names(vocab_size: int) -> dict:
@@ -44,11 +53,66 @@ def program_config(cfg: QuantizeConfig, avg: Artifact, ds: Dataset) -> dict:
             "eval": json.loads(cfg.ship_eval) if cfg.ship_eval else {}, "data": data_names(ds.vocab_size)}
 
 
+def weights_twin(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> Artifact | None:
+    """A quantize artifact in this store whose weights are this one's: the same stage code and inputs, the same
+    settings but for WEIGHTS_INDEPENDENT, its files intact. mode=fit has none: its choice depends on the code bytes."""
+    if cfg.mode != "fixed" or not cfg.reuse_weights:
+        return None
+    objects = inputs["average"].path.parent
+    digest, _ = code_digest(__name__)
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in WEIGHTS_INDEPENDENT}
+    ours = {role: inputs[role].key for role in STAGE.inputs}
+    ours_content = {role: inputs[role].content_digest for role in STAGE.inputs}  # a forced rebuild keeps the key
+    for d in sorted(objects.glob("quantize-*")):
+        if d.name == ctx.key:
+            continue
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue  # not a committed artifact (or a damaged one): never a source
+        theirs = {k: v for k, v in manifest.get("config", {}).items() if k not in WEIGHTS_INDEPENDENT}
+        if manifest.get("code_digest") != digest or manifest.get("inputs") != ours \
+                or manifest.get("input_content") != ours_content or theirs != mine:
+            continue
+        listed = {n: m for n, m in manifest.get("files", {}).items() if n in REUSED_FILES + ("size.json",)}
+        if "weights.bin" not in listed or "size.json" not in listed or file_problems(d, listed):
+            continue
+        return Artifact(d, manifest)
+    return None
+
+
+def reuse(twin: Artifact, cfg: QuantizeConfig, program: dict, ctx: StageContext) -> tuple[dict, str, str]:
+    """This artifact from the twin's weights and its own code: (metrics, wrapped code, readable code)."""
+    readable, wrapped = shipped_code(program)
+    size = json.loads(twin.file("size.json").read_text())
+    code_bytes = len(wrapped.encode("utf-8"))
+    total = size["weights_bytes"] + code_bytes
+    size.update(code_bytes=code_bytes, artifact_bytes=total, cap_bytes=cfg.cap_bytes, margin_bytes=cfg.cap_bytes - total,
+                code_bytes_readable=len(readable.encode("utf-8")))
+    log.info("weights.bin from %s (the same weights: only the embedded eval or the cap differ); the code assembled "
+             "again (set quantize.reuse_weights=false to quantize anew)", twin.key)
+    check_cap(size, cfg)
+    for name in REUSED_FILES:
+        if (twin.path / name).exists():
+            shutil.copyfile(twin.path / name, ctx.dir / name)
+    (ctx.dir / "size.json").write_text(json.dumps(size, indent=2) + "\n")
+    metrics = dict(twin.metrics, artifact_bytes=total, code_bytes=code_bytes, cap_bytes=cfg.cap_bytes,
+                   fits=total <= cfg.cap_bytes, margin_bytes=cfg.cap_bytes - total, weights_from=twin.key)
+    return metrics, wrapped, readable
+
+
 def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> dict:
     avg = inputs["average"]
-    model_cfg, state = load_averaged(avg.file("weights.pt"), avg.file("average.json"))
     ds = Dataset.open(inputs["tokenize"])
     program = program_config(cfg, avg, ds)
+    twin = weights_twin(cfg, inputs, ctx)
+    if twin is not None:
+        metrics, wrapped, readable = reuse(twin, cfg, program, ctx)
+        (ctx.dir / "program.json").write_text(json.dumps(program, indent=2, sort_keys=True) + "\n")
+        (ctx.dir / "shipped_code.py").write_text(wrapped)
+        (ctx.dir / "shipped_code_readable.py").write_text(readable)
+        return metrics
+    model_cfg, state = load_averaged(avg.file("weights.pt"), avg.file("average.json"))
     out = quantize_weights(state, model_cfg, cfg, ds.shard_paths("train"), shipped_code(program), ds.val_stream)
     (ctx.dir / "program.json").write_text(json.dumps(program, indent=2, sort_keys=True) + "\n")
     (ctx.dir / "weights.bin").write_bytes(out.blob)
