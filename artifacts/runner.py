@@ -45,6 +45,7 @@ class StageContext:
     dir: Path           # the artifact's files go here (a temporary directory until commit)
     work: Path          # survives a crash of this key's build; deleted after commit
     manifest_extra: dict = field(default_factory=dict)  # extra manifest fields (e.g. "resumed")
+    forced: bool = False  # the user asked for this stage to be built again (--force): reuse nothing of old artifacts
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,7 @@ def run_stage(stage: Stage, cfg: Any, inputs: Mapping[str, Artifact], store: Art
             return StageResult(store.get(key), True, time.perf_counter() - t0)
         verify_inputs(inputs)
         pending = store.begin(key)
-        ctx = StageContext(key=key, dir=pending.path, work=store.work_dir(key))
+        ctx = StageContext(key=key, dir=pending.path, work=store.work_dir(key), forced=force)
         handler = logging.FileHandler(pending.path / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)

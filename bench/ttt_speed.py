@@ -147,7 +147,8 @@ def main() -> None:
                "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (out / "ttt_speed_rows.jsonl").open("a").write(json.dumps(row) + "\n")  # kept if a later variant runs out of time
+        with (out / "ttt_speed_rows.jsonl").open("a") as f:  # kept if a later variant runs out of time
+            f.write(json.dumps(row) + "\n")
     meta = {"preset": a.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "model": dataclasses.asdict(m), "eval": dataclasses.asdict(e),
             "shrink": a.shrink, "warmup": not a.no_warmup}

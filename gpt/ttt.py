@@ -663,7 +663,7 @@ def warm_up_tokens(vocab_size: int, bos_id: int, n_tokens: int, seq_len: int, pe
     """Random tokens (never val data) laid out in documents that reach every batch shape the eval can use:
     ``per_length`` documents of each padded window length (128, 256, ... seq_len) for the scoring batches and,
     with per_length = lora_docs, one LoRA group per length (a group's last, gradient-free step has the
-    length of its longest document), one of 2 * seq_len + 64 tokens (in place of one seq_len document) for
+    length of its longest document; lora_compile=dynamic needs only two of each, see warm_up), one of 2 * seq_len + 64 tokens (in place of one seq_len document) for
     full sliding windows, their tails and LoRA's growing windows, then random documents up to ``n_tokens``
     (SGD's chunks). A shape first met inside the timed loop would compile there."""
     rng = np.random.default_rng(0)

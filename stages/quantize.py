@@ -48,7 +48,8 @@ def data_names(vocab_size: int) -> dict:
 def program_config(cfg: QuantizeConfig, avg: Artifact, ds: Dataset) -> dict:
     """The configs train_gpt.py embeds: the run that made these weights, and the eval that will score them."""
     report = json.loads(avg.file("average.json").read_text())
-    quantize = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ship_eval"}
+    # reuse_weights is how the stage got its weights, not a setting of the run: not shipped (it is not in the key)
+    quantize = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("ship_eval", "reuse_weights")}
     return {"train": report.get("train_config", {}), "average": avg.config, "quantize": quantize,
             "eval": json.loads(cfg.ship_eval) if cfg.ship_eval else {}, "data": data_names(ds.vocab_size)}
 
@@ -56,7 +57,7 @@ def program_config(cfg: QuantizeConfig, avg: Artifact, ds: Dataset) -> dict:
 def weights_twin(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext) -> Artifact | None:
     """A quantize artifact in this store whose weights are this one's: the same stage code and inputs, the same
     settings but for WEIGHTS_INDEPENDENT, its files intact. mode=fit has none: its choice depends on the code bytes."""
-    if cfg.mode != "fixed" or not cfg.reuse_weights:
+    if cfg.mode != "fixed" or not cfg.reuse_weights or ctx.forced:
         return None
     objects = inputs["average"].path.parent
     digest, _ = code_digest(__name__)
@@ -81,20 +82,31 @@ def weights_twin(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: Stage
     return None
 
 
-def reuse(twin: Artifact, cfg: QuantizeConfig, program: dict, ctx: StageContext) -> tuple[dict, str, str]:
-    """This artifact from the twin's weights and its own code: (metrics, wrapped code, readable code)."""
+def reuse(twin: Artifact, cfg: QuantizeConfig, program: dict, ctx: StageContext) -> tuple[dict, str, str] | None:
+    """This artifact from the twin's weights and its own code: (metrics, wrapped code, readable code); None when the
+    twin's files cannot be read or no longer match its manifest (removed or damaged meanwhile): quantize anew."""
+    listed = {n: m for n, m in twin.manifest["files"].items() if n in REUSED_FILES + ("size.json",)}
+    try:
+        size = json.loads(twin.file("size.json").read_text())
+        for name in listed:
+            if name != "size.json":
+                shutil.copyfile(twin.path / name, ctx.dir / name)
+        problems = file_problems(ctx.dir, {n: m for n, m in listed.items() if n != "size.json"})
+    except (OSError, ValueError) as e:
+        problems = [str(e)]
+    if problems:
+        log.warning("not reusing the weights of %s (%s): quantizing anew", twin.key, problems[0])
+        for name in listed:
+            (ctx.dir / name).unlink(missing_ok=True)
+        return None
     readable, wrapped = shipped_code(program)
-    size = json.loads(twin.file("size.json").read_text())
     code_bytes = len(wrapped.encode("utf-8"))
     total = size["weights_bytes"] + code_bytes
     size.update(code_bytes=code_bytes, artifact_bytes=total, cap_bytes=cfg.cap_bytes, margin_bytes=cfg.cap_bytes - total,
                 code_bytes_readable=len(readable.encode("utf-8")))
     log.info("weights.bin from %s (the same weights: only the embedded eval or the cap differ); the code assembled "
-             "again (set quantize.reuse_weights=false to quantize anew)", twin.key)
+             "again (--force quantize, or a new key with quantize.reuse_weights=false, quantizes anew)", twin.key)
     check_cap(size, cfg)
-    for name in REUSED_FILES:
-        if (twin.path / name).exists():
-            shutil.copyfile(twin.path / name, ctx.dir / name)
     (ctx.dir / "size.json").write_text(json.dumps(size, indent=2) + "\n")
     metrics = dict(twin.metrics, artifact_bytes=total, code_bytes=code_bytes, cap_bytes=cfg.cap_bytes,
                    fits=total <= cfg.cap_bytes, margin_bytes=cfg.cap_bytes - total, weights_from=twin.key)
@@ -106,8 +118,9 @@ def build(cfg: QuantizeConfig, inputs: Mapping[str, Artifact], ctx: StageContext
     ds = Dataset.open(inputs["tokenize"])
     program = program_config(cfg, avg, ds)
     twin = weights_twin(cfg, inputs, ctx)
-    if twin is not None:
-        metrics, wrapped, readable = reuse(twin, cfg, program, ctx)
+    reused = reuse(twin, cfg, program, ctx) if twin is not None else None
+    if reused is not None:
+        metrics, wrapped, readable = reused
         (ctx.dir / "program.json").write_text(json.dumps(program, indent=2, sort_keys=True) + "\n")
         (ctx.dir / "shipped_code.py").write_text(wrapped)
         (ctx.dir / "shipped_code_readable.py").write_text(readable)

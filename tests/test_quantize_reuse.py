@@ -74,3 +74,48 @@ def test_a_damaged_source_is_not_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(Q, "quantize_weights", lambda *a, **k: (ran.append(1), real(*a, **k))[1])
     q1 = _run(store, ["eval.batch_seqs=16"])["quantize"].artifact
     assert ran and "weights_from" not in q1.metrics and store.verify(q1.key) == []
+
+
+def test_force_quantizes_anew(first, monkeypatch):
+    store, _ = first
+    _run(store, ["eval.batch_seqs=12"])  # reused from the first run's weights
+    ran = []
+    real = Q.quantize_weights
+    monkeypatch.setattr(Q, "quantize_weights", lambda *a, **k: (ran.append(1), real(*a, **k))[1])
+    cfg = apply_overrides(preset("tiny"), FAST + ["eval.batch_seqs=12"])
+    q = {r.artifact.stage: r for r in run_pipeline(cfg, store, force=["quantize"])}["quantize"].artifact
+    assert ran and "weights_from" not in q.metrics
+    assert "reuse_weights" not in q.file("program.json").read_text()  # not a setting of the run: not shipped
+
+
+def test_gptq_reuse_carries_its_calibration_and_passes_compliance(tmp_path, monkeypatch):
+    store = ArtifactStore(tmp_path / "store")
+    gptq = ["quantize.method=gptq", "quantize.calib_seqs=4", "quantize.seq_len=256"]
+    before = _run(store, gptq)
+    _no_gptq(monkeypatch)
+    after = _run(store, gptq + ["eval.batch_seqs=16"])
+    q0, q1 = before["quantize"].artifact, after["quantize"].artifact
+    assert q1.metrics["weights_from"] == q0.key
+    assert q1.file("calibration.json").read_bytes() == q0.file("calibration.json").read_bytes()
+    assert q1.metrics["calibration_seconds"] == q0.metrics["calibration_seconds"] > 0
+    assert after["compliance"].artifact.metrics["verdict"] == before["compliance"].artifact.metrics["verdict"] == "PASS"
+
+
+def test_the_fields_called_weight_independent_leave_the_blob_as_it_is(first):
+    """WEIGHTS_INDEPENDENT is what reuse may differ in: changing any of them must not move a byte of the weights."""
+    import dataclasses
+    from gpt.averaging import load_averaged
+    from gpt.quantization import WEIGHTS_INDEPENDENT, quantize_weights
+    from tokenizing.dataset import Dataset
+    store, before = first
+    avg = before["average"].artifact
+    model_cfg, state = load_averaged(avg.file("weights.pt"), avg.file("average.json"))
+    shards = Dataset.open(before["tokenize"].artifact).shard_paths("train")
+    base = Q.QuantizeConfig(**before["quantize"].artifact.config)
+    blob = quantize_weights(state, model_cfg, base, shards, ("x", "x")).blob
+    changed = {"ship_eval": '{"stride": 7}', "reuse_weights": not base.reuse_weights,
+               "fail_over_cap": not base.fail_over_cap, "cap_bytes": base.cap_bytes * 2}
+    assert set(changed) == set(WEIGHTS_INDEPENDENT)
+    for name, value in changed.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert quantize_weights(state, model_cfg, other, shards, ("y" * 99, "y" * 99)).blob == blob, name
