@@ -7,6 +7,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # .whl-prefect/ too when carried (bench/
 else
   export PYTHONPATH=$PWD
 fi
+# FA4 installed on this machine by bench/fa4_install.sh (two earlier calls): golf's model then isolates documents with it
+[ -d /tmp/site-fa4/flash_attn ] && export PYTHONPATH=/tmp/site-fa4:$PYTHONPATH
 export PYTHONUNBUFFERED=1 GOLF_STORE=${GOLF_STORE:-/tmp/golf-store}
 DOCS=${DOCS:-/tmp/bench_docs}
 CORPUS=${CORPUS:-.gpu/corpus}  # the carried bench_corpus parts (part_N.jsonl.zst)

@@ -168,14 +168,77 @@ FLASH_VARLEN_MODULES = ("flash_attn_interface", "flash_attn.cute", "flash_attn")
 
 
 def find_flash_varlen():
-    """The first of FLASH_VARLEN_MODULES that imports and has ``flash_attn_varlen_func``, or None."""
+    """The first of FLASH_VARLEN_MODULES that imports and has ``flash_attn_varlen_func``, or None. FA4 comes
+    wrapped as torch.library ops (fa4_varlen) when its interface has the entry points they call."""
     import importlib
     for module in FLASH_VARLEN_MODULES:
         try:
-            return getattr(importlib.import_module(module), "flash_attn_varlen_func")
+            found = getattr(importlib.import_module(module), "flash_attn_varlen_func")
         except Exception:  # missing, or installed against another CUDA/torch: FlexAttention serves instead
             continue
+        if module == "flash_attn.cute":
+            try:
+                interface = importlib.import_module("flash_attn.cute.interface")
+                _FA4_KERNELS.update(fwd=interface._flash_attn_fwd, bwd=interface._flash_attn_bwd)
+                return fa4_varlen
+            except (ImportError, AttributeError):  # another FA4 layout: its own function, traced as it is
+                pass
+        return found
     return None
+
+
+# FA4's public function is a torch.autograd.Function whose forward JIT-compiles CuTe kernels in Python: dynamo
+# cannot trace it, so inside the compiled model it would break the graph at every attention call (17 a step
+# with the loop). As opaque ops with fake (shape-only) versions, the compiled graph calls it like any aten op.
+_FA4_KERNELS: dict = {}  # fwd/bwd: flash_attn.cute.interface._flash_attn_fwd / _flash_attn_bwd, once found
+
+
+@torch.library.custom_op("golf::fa4_varlen_fwd", mutates_args=())
+def _fa4_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
+    out, lse = _FA4_KERNELS["fwd"](q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                                   max_seqlen_k=max_seqlen, causal=True, return_lse=True)[:2]
+    return out.contiguous(), lse.contiguous()
+
+
+@_fa4_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen):  # out (tokens, heads, Dv) in q's dtype; lse (heads, tokens) in float32
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("golf::fa4_varlen_bwd", mutates_args=())
+def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                  max_seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _FA4_KERNELS["bwd"](q, k, v, out, dout, lse, causal=True, cu_seqlens_q=cu_seqlens,
+                                     cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_fa4_backward.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):  # grouped K/V heads get their gradients summed: K/V's shape
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+
+
+def _fa4_grad(ctx, dout, _dlse):  # lse is returned for the backward only: nothing downstream differentiates it
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _fa4_backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen)
+    return dq, dk, dv, None, None
+
+
+_fa4_forward.register_autograd(_fa4_grad, setup_context=_fa4_setup_context)
+
+
+def fa4_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """FA4's varlen attention with flash-attn's calling convention, for the one case golf uses: causal, the same
+    documents on the query and key side."""
+    if not causal or max_seqlen_q != max_seqlen_k:  # (cu_seqlens_k is cu_seqlens_q: the model passes one tensor)
+        raise ValueError("fa4_varlen: only causal self-attention over one cu_seqlens is wrapped")
+    return _fa4_forward(q, k, v, cu_seqlens_q, int(max_seqlen_q))[0]
 
 
 _FLASH_VARLEN: list = []  # [function or None], looked up once

@@ -258,3 +258,102 @@ def test_the_attention_log_line_imports_no_flash_attn(tmp_path, monkeypatch):
         monkeypatch.delitem(sys.modules, name, raising=False)
     line = attention_backend(ModelConfig(vocab_size=64, doc_isolation=True), torch.device("cpu"))
     assert "flash-attn installed: flash_attn.cute, flash_attn" in line and "flash_attn" not in sys.modules
+
+
+class PlainFA4Interface:
+    """flash_attn.cute.interface's two private entry points in plain torch, with their calling convention:
+    (tokens, heads, D) inputs, lse (heads, tokens) in float32, the backward given (q, k, v, out, dout, lse)."""
+    calls: list = []
+
+    @staticmethod
+    def _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, return_lse):
+        assert causal and return_lse and torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
+        assert not torch.is_grad_enabled() or not q.requires_grad  # an opaque op: autograd stays outside it
+        PlainFA4Interface.calls.append("fwd")
+        out, lse = PlainFA4Interface.attend(q, k, v, cu_seqlens_q)
+        return out, lse, None, None, None
+
+    @staticmethod
+    def attend(q, k, v, cu_seqlens):
+        outs, lses = [], []
+        groups = q.size(1) // k.size(1)
+        for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            qs = q[a:b].float().transpose(0, 1)
+            ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(groups, 0) for t in (k, v))
+            s = qs @ ks.transpose(1, 2) / q.size(-1) ** 0.5
+            s = s.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
+            lses.append(torch.logsumexp(s, -1))
+            outs.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
+        return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1)
+
+    @staticmethod
+    def _flash_attn_bwd(q, k, v, out, dout, lse, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        """Attention's gradient by hand (an op's body runs below autograd), P rebuilt from the forward's lse."""
+        PlainFA4Interface.calls.append("bwd")
+        groups, scale = q.size(1) // k.size(1), q.size(-1) ** -0.5
+        dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
+        for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+            qs, do = (t[a:b].float().transpose(0, 1) for t in (q, dout))
+            ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(groups, 0) for t in (k, v))
+            s = (qs @ ks.transpose(1, 2) * scale).masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(),
+                                                             float("-inf"))
+            p = torch.exp(s - lse[:, a:b, None])
+            dp = do @ vs.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+            dq[a:b] = (ds @ ks).transpose(0, 1)
+            fold = lambda t: t.unflatten(0, (k.size(1), groups)).sum(1).transpose(0, 1)  # noqa: E731
+            dk[a:b], dv[a:b] = fold(ds.transpose(1, 2) @ qs), fold(p.transpose(1, 2) @ do)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def test_fa4_is_found_as_opaque_ops_that_compile_without_a_graph_break(monkeypatch):
+    """FA4 (flash_attn.cute) is wrapped as torch.library ops: the model's varlen path through them gives the
+    dense per-document mask's logits and gradients, and a fullgraph compile traces them (dynamo could not
+    trace FA4's own autograd.Function, whose forward JIT-compiles kernels). The kernels are plain torch here."""
+    import sys
+    import types
+    import gpt.model as M
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_varlen_func = lambda *a, **k: "FA4's own function"
+    interface = types.ModuleType("flash_attn.cute.interface")
+    interface._flash_attn_fwd, interface._flash_attn_bwd = (PlainFA4Interface._flash_attn_fwd,
+                                                            PlainFA4Interface._flash_attn_bwd)
+    for name in ("flash_attn_interface", "flash_attn"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    assert M.find_flash_varlen() is M.fa4_varlen
+
+    cfg = dataclasses.replace(ALL_FEATURES, num_heads=4, num_kv_heads=2)
+    idx = tokens_with_docs()
+    idx[1, 0] = 7
+    results = {}
+    for name, varlen in (("dense", None), ("fa4", M.fa4_varlen)):
+        torch.manual_seed(0)
+        model = randomised(cfg)
+        monkeypatch.setattr(M, "varlen_attention_for", lambda device, v=varlen: v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.logits(idx).float().logsumexp(-1).mean()
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert PlainFA4Interface.calls.count("fwd") >= cfg.num_layers and "bwd" in PlainFA4Interface.calls
+    torch.testing.assert_close(results["fa4"][0], results["dense"][0], atol=0.02, rtol=0.01)
+    assert results["fa4"][1].keys() == results["dense"][1].keys()
+    for n, g in results["dense"][1].items():
+        torch.testing.assert_close(results["fa4"][1][n].float(), g.float(), atol=0.02, rtol=0.05, msg=n)
+
+    q = torch.randn(12, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(12, 2, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+
+    def attend(q, k, v):
+        return M.fa4_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12,
+                            causal=True).float().square().sum()
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(attend(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="only causal"):
+        M.fa4_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12, causal=False)
