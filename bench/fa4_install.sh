@@ -12,5 +12,9 @@ if [ -d .fa4b ]; then
   cat "$T/$whl.part00" "$T/$whl.part01" > "$T/$whl"
   (cd "$T" && sha256sum -c SHA256SUMS)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-fa4 $T/*.whl
-  PYTHONPATH=/tmp/site-fa4:$PWD python3 -c "from gpt.model import find_flash_varlen; f = find_flash_varlen(); print('varlen kernel:', f.__module__ if f else None)"
+  # nvidia-cutlass-dsl puts its `cutlass` package on the path through a .pth file, which only a site directory
+  # reads (not PYTHONPATH): its dsl_packages folder goes on PYTHONPATH beside /tmp/site-fa4 (gpu_setup.sh does too)
+  PYTHONPATH=/tmp/site-fa4:/tmp/site-fa4/nvidia_cutlass_dsl/dsl_packages:$PWD python3 -c "
+from gpt.model import FLASH_VARLEN_ERRORS, find_flash_varlen
+f = find_flash_varlen(); print('varlen kernel:', f.__name__ if f else None, FLASH_VARLEN_ERRORS.get('flash_attn.cute', ''))"
 fi

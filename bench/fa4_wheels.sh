@@ -6,7 +6,7 @@
 #   here, once:  bash bench/fa4_wheels.sh          -> .fa4a/ (the small wheels + the first half), .fa4b/ (the second)
 #   device:      call 1, carry .fa4a:  bash bench/fa4_install.sh      (keeps the first half in /tmp/fa4)
 #                call 2, carry .fa4b:  bash bench/fa4_install.sh      (joins the halves, installs into /tmp/site-fa4)
-#                later calls:          export PYTHONPATH=/tmp/site-fa4:$PYTHONPATH  (golf's model then finds
+#                later calls:          source bench/gpu_setup.sh (it puts /tmp/site-fa4 and cutlass on the path; golf finds
 #                                      flash_attn.cute.flash_attn_varlen_func and isolates documents with it)
 # Both folders are git-ignored (.git/info/exclude). Versions: the newest flash-attn-4 beta seen (2026-12-01).
 set -euo pipefail

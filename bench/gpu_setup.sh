@@ -8,7 +8,8 @@ else
   export PYTHONPATH=$PWD
 fi
 # FA4 installed on this machine by bench/fa4_install.sh (two earlier calls): golf's model then isolates documents with it
-[ -d /tmp/site-fa4/flash_attn ] && export PYTHONPATH=/tmp/site-fa4:$PYTHONPATH
+# (cutlass sits in nvidia_cutlass_dsl/dsl_packages, put on the path by a .pth file that PYTHONPATH entries never read)
+[ -d /tmp/site-fa4/flash_attn ] && export PYTHONPATH=/tmp/site-fa4:/tmp/site-fa4/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
 export PYTHONUNBUFFERED=1 GOLF_STORE=${GOLF_STORE:-/tmp/golf-store}
 DOCS=${DOCS:-/tmp/bench_docs}
 CORPUS=${CORPUS:-.gpu/corpus}  # the carried bench_corpus parts (part_N.jsonl.zst)

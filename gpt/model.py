@@ -167,6 +167,9 @@ def document_ids(idx: Tensor, bos_id: int) -> Tensor:
 FLASH_VARLEN_MODULES = ("flash_attn_interface", "flash_attn.cute", "flash_attn")
 
 
+FLASH_VARLEN_ERRORS: dict = {}  # module -> why it would not import (e.g. FA4's cutlass not on the path)
+
+
 def find_flash_varlen():
     """The first of FLASH_VARLEN_MODULES that imports and has ``flash_attn_varlen_func``, or None. FA4 comes
     wrapped as torch.library ops (fa4_varlen) when its interface has the entry points they call."""
@@ -174,7 +177,8 @@ def find_flash_varlen():
     for module in FLASH_VARLEN_MODULES:
         try:
             found = getattr(importlib.import_module(module), "flash_attn_varlen_func")
-        except Exception:  # missing, or installed against another CUDA/torch: FlexAttention serves instead
+        except Exception as e:  # missing, or installed against another CUDA/torch: FlexAttention serves instead
+            FLASH_VARLEN_ERRORS[module] = f"{type(e).__name__}: {e}"  # for the log line, when it is installed
             continue
         if module == "flash_attn.cute":
             try:

@@ -34,7 +34,8 @@ from .diskio import TORCH_WRITE_FAILED, disk_refusal
 from .distributed import Ranks, average_grads, start_distributed
 from .kernels import KERNEL_CHOICES, use_triton
 from .losses import fused_softcap_cross_entropy
-from .model import FLASH_VARLEN_MODULES, GPT, Linear, ModelConfig, flops_per_token, varlen_attention_for
+from .model import (FLASH_VARLEN_ERRORS, FLASH_VARLEN_MODULES, GPT, Linear, ModelConfig, flops_per_token,
+                    varlen_attention_for)
 from .optim import Muon
 from .progress import progress_bar
 from .shards import load_tokens
@@ -372,7 +373,9 @@ def attention_backend(mcfg: ModelConfig, device: torch.device) -> str:
         fn = varlen_attention_for(device)
         if fn is not None:
             return f"flash-attn varlen ({fn.__module__}.{fn.__name__}) on the packed documents; {have}"
-        return f"flex_attention with a per-document block mask; {have}"
+        broken = "".join(f" ({m} would not import: {FLASH_VARLEN_ERRORS[m][:160]})"
+                         for m in installed if m in FLASH_VARLEN_ERRORS)
+        return f"flex_attention with a per-document block mask; {have}{broken}"
     return f"sdpa with a dense per-document mask (CPU); {have}"
 
 

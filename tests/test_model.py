@@ -357,3 +357,25 @@ def test_fa4_is_found_as_opaque_ops_that_compile_without_a_graph_break(monkeypat
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="only causal"):
         M.fa4_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12, causal=False)
+
+
+def test_the_attention_log_line_says_why_an_installed_flash_attn_did_not_serve(tmp_path, monkeypatch):
+    """FA4 installed with --target has no `cutlass` on the path (its .pth file is not read from PYTHONPATH):
+    the run falls back to FlexAttention, and the log line names the import error instead of leaving a user to
+    guess why an installed kernel was not used."""
+    import sys
+    import gpt.model as M
+    from gpt.model import ModelConfig
+    from gpt.training import attention_backend
+    pkg = tmp_path / "flash_attn" / "cute"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import cutlass_missing_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("flash_attn", "flash_attn.cute", "flash_attn_interface"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(M, "_FLASH_VARLEN", [])
+    monkeypatch.setattr(M, "FLASH_VARLEN_ERRORS", {})
+    monkeypatch.setattr("gpt.training.FLASH_VARLEN_ERRORS", M.FLASH_VARLEN_ERRORS)
+    line = attention_backend(ModelConfig(vocab_size=64, doc_isolation=True), torch.device("cuda"))
+    assert line.startswith("flex_attention")
+    assert "flash_attn.cute would not import: ModuleNotFoundError: No module named 'cutlass_missing_here'" in line
