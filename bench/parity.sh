@@ -9,6 +9,11 @@
 #                WHICH=record SIDE=golf      STEPS=100 ISOLATE=1 bash bench/parity.sh   (throughput, documents isolated)
 #   here, after: python bench/parity_compare.py --which record <the fetched parity folders> --out bench/results/parity
 #
+# POSTQUANT=1 (issue 16's post-quantization check, e.g. STEPS=120): the reference runs on through its GPTQ, its
+# brotli artifact and its quantized score (TTT_ENABLED=0: no TTT eval), golf through the preset's own average
+# (EMA), quantizer (GPTQ + LQER) and the same non-overlapping scoring, so both report artifact bytes and the
+# quantization gap of the same checkpoint size. `parity_compare.py` prints them side by side.
+#
 # STOP_AFTER=N ends either side after N steps of the STEPS-step schedule (every step logged): for the isolating runs,
 # e.g. STOP_AFTER=30 TAG=nofuse EXTRA="--set train.fused_loss=off" on golf's side, the same on the reference's.
 #
@@ -21,7 +26,8 @@
 # (documents isolated) for the throughput comparison. Logs land in $OUT/parity/.
 set -u
 WHICH=${WHICH:-record}; SIDE=${SIDE:-golf}; STEPS=${STEPS:-200}; SEED=${SEED:-42}; ISOLATE=${ISOLATE:-0}
-STOP_AFTER=${STOP_AFTER:-0}; TAG=${TAG:-}
+STOP_AFTER=${STOP_AFTER:-0}; TAG=${TAG:-}; POSTQUANT=${POSTQUANT:-0}
+[ "$POSTQUANT" = 1 ] && TAG=${TAG}_postquant
 export OUT=${OUT:-/tmp/out}; P=$OUT/parity; mkdir -p "$P"
 export CORPUS=.ref PARTS=0
 source bench/gpu_setup.sh
@@ -31,10 +37,11 @@ if [ "$SIDE" = reference ]; then
   # run_reference.sh's timeout: stop it once that line is written (the baseline exits by itself)
   every=10; [ "$STOP_AFTER" -gt 0 ] && every=1
   done_at="post-ema"; [ "$STOP_AFTER" -gt 0 ] && done_at="^$STOP_AFTER/$STEPS train_loss"
+  prequant=1; [ "$POSTQUANT" = 1 ] && prequant=0 && done_at="diagnostic quantized"
   # REF_WARMUP_STEPS=N replaces run_reference.sh's WARMUP_STEPS=20 (the record's compile warm-up, which leaves its
   # sharded Muon momentum primed: see BENCHMARKS.md "Record parity"), in a copy beside it so its paths still hold
   sed "s/WARMUP_STEPS=20 /WARMUP_STEPS=${REF_WARMUP_STEPS:-20} /" .ref/scripts/run_reference.sh > .ref/scripts/run_reference_w.sh
-  setsid env PREQUANT_ONLY=1 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference_w.sh "$WHICH" "$STEPS" "$SEED" \
+  setsid env PREQUANT_ONLY=$prequant TTT_ENABLED=0 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference_w.sh "$WHICH" "$STEPS" "$SEED" \
     > "$P/reference_run.txt" 2>&1 &
   ref=$!  # its own process group: stopped as one, nothing else on the machine touched
   while kill -0 $ref 2>/dev/null; do
@@ -48,14 +55,15 @@ if [ "$SIDE" = reference ]; then
   tail -5 "$P/reference_${WHICH}_seed$SEED$TAG.log"
   exit 0
 fi
-seq=2048; extra=()
-if [ "$WHICH" = baseline ]; then seq=1024; extra=(--set train.warmdown_frac=0.25); fi
+seq=2048; extra=(--set average.method=final --set quantize.method=rtn)  # raw weights: only pre-quant is compared
+[ "$POSTQUANT" = 1 ] && extra=()  # the preset's own average and quantizer
+if [ "$WHICH" = baseline ]; then seq=1024; extra+=(--set train.warmdown_frac=0.25); fi
 iso=false; tag=golf_${WHICH}_seed$SEED$TAG; [ "$ISOLATE" = 1 ] && iso=true && tag=${tag}_isolated
 until=eval; [ "$STOP_AFTER" -gt 0 ] && until=train && export GOLF_STORE=/tmp/golf-store-$tag  # its own work dir
 setsid python3 -m golf.cli run --no-prefect --preset "$WHICH" --until $until \
   --set tokenize.source="$DOCS" --set tokenize.val_docs=902 --set tokenize.workers="$(nproc)" \
   --set train.max_steps="$STEPS" --set train.max_seconds=100000 --set train.seed="$SEED" \
-  --set train.model.doc_isolation=$iso --set average.method=final --set quantize.method=rtn \
+  --set train.model.doc_isolation=$iso \
   --set quantize.fail_over_cap=false --set eval.seq_len=$seq --set eval.stride=0 --set eval.doc_isolation=false \
   --set eval.ttt.method=none --set eval.no_ttt_diagnostic=false "${extra[@]}" ${EXTRA:-} > "$P/$tag.txt" 2>&1 &
 golf=$!
@@ -68,7 +76,7 @@ wait $golf
 echo "golf exit $?" | tee -a "$P/$tag.txt"
 mkdir -p "$P/$tag"
 cp "$(ls -td "$GOLF_STORE"/work/train-* 2>/dev/null | head -1)/metrics.live.jsonl" "$P/$tag/" 2>/dev/null
-for s in train eval; do
+for s in train quantize eval; do
   d=$(ls -td "$GOLF_STORE"/objects/$s-* 2>/dev/null | head -1); [ -n "$d" ] || continue
   cp "$d"/*.json "$d"/metrics.jsonl "$P/$tag/" 2>/dev/null
 done

@@ -22,6 +22,11 @@ TRAIN_LINE = re.compile(r"(?:step:)?(\d+)/(\d+) train_loss:\s*([\d.]+)(?:.*?trai
                         r"(?:.*?tok/s:\s*(\d+))?")
 VAL_LINE = re.compile(r"(?:step:)?(\d+)/(\d+) val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)")
 BATCH = {"record": 786_432, "baseline": 524_288}
+# the record script's lines after training (parity.sh POSTQUANT=1): its EMA weights' score, its artifact, its
+# quantized score
+REF_POST = {"pre_quant_val_bpb": re.compile(r"diagnostic pre-quantization post-ema val_loss:\S+ val_bpb:([\d.]+)"),
+            "val_bpb": re.compile(r"diagnostic quantized val_loss:\S+ val_bpb:([\d.]+)"),
+            "artifact_bytes": re.compile(r"Total submission size quantized\+\w+: (\d+) bytes")}
 
 
 def read_reference(path: Path, batch: int) -> dict:
@@ -40,7 +45,18 @@ def read_reference(path: Path, batch: int) -> dict:
                 seconds[step] = float(m.group(4)) / (1000 if m.group(5) == "ms" else 1 / 60)
     if not loss:
         raise SystemExit(f"{path}: no train_loss lines (did the reference run?)")
-    return {"loss": loss, "seconds": seconds, "val_bpb": val}
+    text = path.read_text(errors="replace")
+    post = {name: float(m.group(1)) for name, rx in REF_POST.items() if (m := rx.search(text))}
+    return {"loss": loss, "seconds": seconds, "val_bpb": val, "post_quant": post_quant(post)}
+
+
+def post_quant(found: dict) -> dict | None:
+    """artifact bytes, the EMA weights' and the quantized score, and the gap, when a run got that far."""
+    if not {"val_bpb", "pre_quant_val_bpb"} <= found.keys():
+        return None
+    out = {k: found.get(k) for k in ("artifact_bytes", "pre_quant_val_bpb", "val_bpb")}
+    out["gap_bpb"] = out["val_bpb"] - out["pre_quant_val_bpb"]
+    return out
 
 
 def read_golf(folder: Path) -> dict:
@@ -50,13 +66,17 @@ def read_golf(folder: Path) -> dict:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if not rows:
         raise SystemExit(f"{folder}/metrics.jsonl is empty")
-    val = None
+    val, post = None, {}
     for name in ("eval.json", "metrics.json"):
         if (folder / name).exists():
             ev = json.loads((folder / name).read_text())
             val = ev.get("pre_quant_val_bpb", val)
+            post.update({k: ev[k] for k in ("val_bpb", "pre_quant_val_bpb") if ev.get(k) is not None})
+    if (folder / "size.json").exists():  # quantize's (parity.sh copies it)
+        post["artifact_bytes"] = json.loads((folder / "size.json").read_text())["artifact_bytes"]
     return {"loss": {r["step"]: r["loss"] for r in rows}, "seconds": {r["step"]: r["elapsed_s"] for r in rows},
-            "val_bpb": val, "loop_step": next((r["step"] for r in rows if r.get("recurrence")), None)}
+            "val_bpb": val, "loop_step": next((r["step"] for r in rows if r.get("recurrence")), None),
+            "post_quant": post_quant(post)}
 
 
 def throughput(seconds: dict, lo: int, hi: int, batch: int) -> float | None:
@@ -98,6 +118,10 @@ def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None) -> 
         "val_bpb": {"reference": ref_val, "reference_seeds": ref_vals, "golf": golf["val_bpb"]},
         "throughput_windows": {"before_loop": before, "in_loop": during}, "throughput": speed,
     }
+    post = {name: run["post_quant"] for name, run in (("reference", refs[0]), ("golf", golf), ("golf_isolated", isolated))
+            if run is not None and run.get("post_quant")}
+    if post:
+        out["post_quant"] = post
     out["within_band"] = bool(diffs) and out["max_abs_diff_from_10"] <= BAND and abs(out["mean_diff_from_10"]) < MEAN_BAND
     if ref_val is not None and golf["val_bpb"] is not None:
         out["val_bpb"]["diff"] = golf["val_bpb"] - ref_val
@@ -126,6 +150,12 @@ def markdown(res: dict) -> str:
     for name, s in res["throughput"].items():
         cells = [f"{x / 1e3:,.0f}K" if x else "n/a" for x in (s["before_loop"], s["in_loop"])]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    if res.get("post_quant"):
+        lines += ["", "| after quantization | artifact bytes | pre-quant val_bpb (averaged weights) | quantized val_bpb | gap |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, q in res["post_quant"].items():
+            size = f"{q['artifact_bytes']:,.0f}" if q.get("artifact_bytes") else "n/a"
+            lines.append(f"| {name} | {size} | {q['pre_quant_val_bpb']:.4f} | {q['val_bpb']:.4f} | {q['gap_bpb']:+.4f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,83 @@
+"""bench/parity_compare.py reads the record script's log and golf's run folder into one verdict: the band, the
+throughput windows and (parity.sh POSTQUANT=1) the artifact bytes and quantization gap of both sides."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def parity_compare():
+    spec = importlib.util.spec_from_file_location("parity_compare", ROOT / "bench" / "parity_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_log(path: Path, steps: int, offset: float = 0.0, post: bool = True) -> Path:
+    """The record script's lines: train_loss with its running tok/s (1,000K before the loop, slower in it)."""
+    lines, clock = [], 0.0
+    for s in range(1, steps + 1):
+        clock += 786_432 / (1.0e6 if s <= 0.35 * steps else 0.66e6)
+        lines.append(f"{s}/{steps} train_loss: {8 - 4 * s / steps + offset:.4f} train_time: {clock / 60:.1f}m "
+                     f"tok/s: {int(s * 786_432 / clock)}")
+    lines.append(f"{steps}/{steps} val_loss: 5.0000 val_bpb: 2.0500")
+    lines.append("diagnostic pre-quantization post-ema val_loss:5.10000000 val_bpb:2.06000000 eval_time:900ms")
+    if post:
+        lines += ["Serialized model quantized+brotli: 15912345 bytes",
+                  "Total submission size quantized+brotli: 15952301 bytes",
+                  "diagnostic quantized val_loss:5.20000000 val_bpb:2.09000000 eval_time:950ms"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def golf_folder(path: Path, steps: int, offset: float, post: bool = True) -> Path:
+    path.mkdir()
+    rows, clock = [], 0.0
+    for s in range(1, steps + 1):
+        clock += 786_432 / (1.1e6 if s <= 0.35 * steps else 0.7e6)
+        rows.append({"step": s, "loss": 8 - 4 * s / steps + offset, "elapsed_s": clock,
+                     "recurrence": s > 0.35 * steps})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = {"pre_quant_val_bpb": 2.061}
+    if post:
+        ev["val_bpb"] = 2.101
+        (path / "size.json").write_text(json.dumps({"artifact_bytes": 15_800_000, "weights_bytes": 15_740_000}))
+    (path / "eval.json").write_text(json.dumps(ev))
+    return path
+
+
+def test_post_quantization_figures_of_both_sides(parity_compare, tmp_path):
+    ref = reference_log(tmp_path / "ref.log", 120)
+    golf = golf_folder(tmp_path / "golf", 120, offset=0.02)
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
+                                "--out", str(tmp_path / "out" / "pq")]) == 0
+    res = json.loads((tmp_path / "out" / "pq.json").read_text())
+    assert res["post_quant"]["reference"] == pytest.approx(
+        {"artifact_bytes": 15_952_301, "pre_quant_val_bpb": 2.06, "val_bpb": 2.09, "gap_bpb": 0.03})
+    assert res["post_quant"]["golf"] == pytest.approx(
+        {"artifact_bytes": 15_800_000, "pre_quant_val_bpb": 2.061, "val_bpb": 2.101, "gap_bpb": 0.04})
+    assert res["val_bpb"]["reference"] == pytest.approx(2.05)  # the raw score, not the post-ema line
+    assert res["within_band"] and res["max_abs_diff_from_10"] == pytest.approx(0.02, abs=1e-3)
+    speed = res["throughput"]
+    assert speed["golf"]["before_loop"] == pytest.approx(1.1e6, rel=1e-3)
+    assert speed["reference"]["in_loop"] == pytest.approx(0.66e6, rel=0.02)  # from its rounded running tok/s
+    md = (tmp_path / "out" / "pq.md").read_text()
+    assert "| reference | 15,952,301 | 2.0600 | 2.0900 | +0.0300 |" in md
+    assert "| golf | 15,800,000 | 2.0610 | 2.1010 | +0.0400 |" in md
+
+
+def test_a_run_stopped_before_quantizing_has_no_post_quant_row_and_a_shifted_curve_fails(parity_compare, tmp_path):
+    ref = reference_log(tmp_path / "ref.log", 120, post=False)
+    golf = golf_folder(tmp_path / "golf", 120, offset=0.07, post=False)
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
+                                "--out", str(tmp_path / "o")]) == 1  # 0.07 nats off: outside the 0.06 band
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert "post_quant" not in res and not res["within_band"]
+    assert "after quantization" not in (tmp_path / "o.md").read_text()
