@@ -102,6 +102,7 @@ def main() -> int:
                 row["max_err_out"] = float((y.detach()[:2].float() - want.detach()).abs().max())
                 row["max_err_dq"] = float((q.grad[:2].float() - ref_q.grad).abs().max())
                 row["max_err_dk"] = float((k.grad[:2].float() - ref_k.grad).abs().max())
+                row["max_err_dv"] = float((v.grad[:2].float() - ref_v.grad).abs().max())
         except Exception as e:  # one failing case must not lose the others
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -125,10 +126,10 @@ def main() -> int:
             return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D).transpose(1, 2)
         record(f"fa4_varlen ({fa4.__name__})", varlen, check=True)
         record("fa4_varlen compiled", torch.compile(varlen, fullgraph=fa4 is M.fa4_varlen), check=True)
-    md = ["| case | ms fwd+bwd | max err out | dq | dk | error |", "|---|---:|---:|---:|---:|---|"]
+    md = ["| case | ms fwd+bwd | max err out | dq | dk | dv | error |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         md.append(f"| {r['case']} | {r.get('ms', '')} | {r.get('max_err_out', '')} | {r.get('max_err_dq', '')} | "
-                  f"{r.get('max_err_dk', '')} | {r.get('error', '')} |")
+                  f"{r.get('max_err_dk', '')} | {r.get('max_err_dv', '')} | {r.get('error', '')} |")
     (out / "attention_bench.md").write_text(
         f"{B} rows x {T} tokens, {n_docs} documents, {H}/{KV} heads of {D}, bf16, {torch.cuda.get_device_name()}\n\n"
         + "\n".join(md) + "\n")

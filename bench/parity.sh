@@ -28,6 +28,9 @@ set -u
 WHICH=${WHICH:-record}; SIDE=${SIDE:-golf}; STEPS=${STEPS:-200}; SEED=${SEED:-42}; ISOLATE=${ISOLATE:-0}
 STOP_AFTER=${STOP_AFTER:-0}; TAG=${TAG:-}; POSTQUANT=${POSTQUANT:-0}
 [ "$POSTQUANT" = 1 ] && TAG=${TAG}_postquant
+if [ "$POSTQUANT" = 1 ] && { [ "$STOP_AFTER" -gt 0 ] || [ "$WHICH" != record ]; }; then
+  echo "parity.sh: POSTQUANT=1 runs the record through its GPTQ: no STOP_AFTER, WHICH=record only" >&2; exit 2
+fi
 export OUT=${OUT:-/tmp/out}; P=$OUT/parity; mkdir -p "$P"
 export CORPUS=.ref PARTS=0
 source bench/gpu_setup.sh

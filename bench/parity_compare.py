@@ -98,7 +98,11 @@ def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None) -> 
                       "golf": golf["loss"][s], "diff": golf["loss"][s] - ref_mean})
     banded = [row for row in table if row["step"] >= 10]
     diffs = [row["diff"] for row in banded]
-    ref_vals = [r["val_bpb"] for r in refs if r["val_bpb"] is not None]
+    # a POSTQUANT run (every reference went through GPTQ): golf's pre-quant score is its EMA weights', so the
+    # reference's to compare is its post-EMA line, not its raw weights' (which is what a PREQUANT_ONLY run scores)
+    postquant = all(r.get("post_quant") for r in refs)
+    ref_vals = [r["post_quant"]["pre_quant_val_bpb"] if postquant else r["val_bpb"] for r in refs]
+    ref_vals = [v for v in ref_vals if v is not None]
     ref_val = statistics.mean(ref_vals) if ref_vals else None
     loop = golf.get("loop_step") or int(0.35 * last) + 1
     # before the loop: steps 10..(loop - 1) rounded to the logged tens; during: the next logged step to the end
@@ -118,10 +122,10 @@ def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None) -> 
         "val_bpb": {"reference": ref_val, "reference_seeds": ref_vals, "golf": golf["val_bpb"]},
         "throughput_windows": {"before_loop": before, "in_loop": during}, "throughput": speed,
     }
-    post = {name: run["post_quant"] for name, run in (("reference", refs[0]), ("golf", golf), ("golf_isolated", isolated))
-            if run is not None and run.get("post_quant")}
-    if post:
-        out["post_quant"] = post
+    out["val_bpb"]["weights"] = "averaged (EMA)" if postquant else "raw"
+    if postquant:  # golf's rows only beside the reference's: a raw-weights run's RTN "gap" is not a comparison
+        runs = [(f"reference {i + 1}", r) for i, r in enumerate(refs)] + [("golf", golf), ("golf_isolated", isolated)]
+        out["post_quant"] = {name: run["post_quant"] for name, run in runs if run is not None and run.get("post_quant")}
     out["within_band"] = bool(diffs) and out["max_abs_diff_from_10"] <= BAND and abs(out["mean_diff_from_10"]) < MEAN_BAND
     if ref_val is not None and golf["val_bpb"] is not None:
         out["val_bpb"]["diff"] = golf["val_bpb"] - ref_val
@@ -142,7 +146,7 @@ def markdown(res: dict) -> str:
     lines += ["", f"Steps 10-{res['steps']}: max |golf - mean| {res['max_abs_diff_from_10']:.4f} (band {BAND}), "
                   f"mean difference {res['mean_diff_from_10']:+.4f} (band {MEAN_BAND}); reference seeds differ by at "
                   f"most {res['reference_spread_max']:.4f}. **{'Within' if res['within_band'] else 'Outside'} the band.**",
-              f"val_bpb at step {res['steps']} (raw weights): reference {fmt(v['reference'])}, golf {fmt(v['golf'])}"
+              f"val_bpb at step {res['steps']} ({v.get('weights', 'raw')} weights): reference {fmt(v['reference'])}, golf {fmt(v['golf'])}"
               + (f" (difference {v['diff']:+.4f}, band {BPB_BAND})" if "diff" in v else "")]
     w = res["throughput_windows"]
     lines += ["", "| tokens/s | before the loop (steps %d-%d) | in the loop (steps %d-%d) |" % (*w["before_loop"], *w["in_loop"]),

@@ -182,9 +182,9 @@ def find_flash_varlen():
             continue
         if module == "flash_attn.cute":
             try:
-                interface = importlib.import_module("flash_attn.cute.interface")
-                _FA4_KERNELS.update(fwd=interface._flash_attn_fwd, bwd=interface._flash_attn_bwd)
-                return fa4_varlen
+                interface = _fa4_interface()
+                if callable(interface._flash_attn_fwd) and callable(interface._flash_attn_bwd):
+                    return fa4_varlen
             except (ImportError, AttributeError):  # another FA4 layout: its own function, traced as it is
                 pass
         return found
@@ -194,13 +194,18 @@ def find_flash_varlen():
 # FA4's public function is a torch.autograd.Function whose forward JIT-compiles CuTe kernels in Python: dynamo
 # cannot trace it, so inside the compiled model it would break the graph at every attention call (17 a step
 # with the loop). As opaque ops with fake (shape-only) versions, the compiled graph calls it like any aten op.
-_FA4_KERNELS: dict = {}  # fwd/bwd: flash_attn.cute.interface._flash_attn_fwd / _flash_attn_bwd, once found
+# The ops hold no state of their own: each call looks FA4's interface up in sys.modules, so a second copy of this
+# module (which re-registers the ops, replacing the first copy's) calls the same kernels.
+def _fa4_interface():
+    import importlib
+    return importlib.import_module("flash_attn.cute.interface")
 
 
 @torch.library.custom_op("golf::fa4_varlen_fwd", mutates_args=())
 def _fa4_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
-    out, lse = _FA4_KERNELS["fwd"](q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                                   max_seqlen_k=max_seqlen, causal=True, return_lse=True)[:2]
+    out, lse = _fa4_interface()._flash_attn_fwd(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                                max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True,
+                                                return_lse=True)[:2]
     return out.contiguous(), lse.contiguous()
 
 
@@ -212,14 +217,15 @@ def _(q, k, v, cu_seqlens, max_seqlen):  # out (tokens, heads, Dv) in q's dtype;
 @torch.library.custom_op("golf::fa4_varlen_bwd", mutates_args=())
 def _fa4_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
                   max_seqlen: int) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _FA4_KERNELS["bwd"](q, k, v, out, dout, lse, causal=True, cu_seqlens_q=cu_seqlens,
-                                     cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    dq, dk, dv = _fa4_interface()._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse, causal=True,
+                                                  cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_fa4_backward.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):  # grouped K/V heads get their gradients summed: K/V's shape
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):  # contiguous, as the op returns them; grouped K/V heads
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # get summed gradients: K/V's shape
 
 
 def _fa4_setup_context(ctx, inputs, output):

@@ -268,12 +268,14 @@ class PlainFA4Interface:
     @staticmethod
     def _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, return_lse):
         assert causal and return_lse and torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
+        assert q.dtype == k.dtype == v.dtype and cu_seqlens_q.dtype == torch.int32
         assert not torch.is_grad_enabled() or not q.requires_grad  # an opaque op: autograd stays outside it
         PlainFA4Interface.calls.append("fwd")
         out, lse = PlainFA4Interface.attend(q, k, v, cu_seqlens_q)
         return out, lse, None, None, None
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)  # a kernel's maths: float32 whatever autocast the caller runs under
     def attend(q, k, v, cu_seqlens):
         outs, lses = [], []
         groups = q.size(1) // k.size(1)
@@ -287,19 +289,27 @@ class PlainFA4Interface:
         return torch.cat(outs).to(q.dtype), torch.cat(lses, dim=1)
 
     @staticmethod
-    def _flash_attn_bwd(q, k, v, out, dout, lse, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    def _flash_attn_bwd(q, k, v, out, dout, lse, causal=False, cu_seqlens_q=None, cu_seqlens_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None):
         """Attention's gradient by hand (an op's body runs below autograd), P rebuilt from the forward's lse."""
+        return PlainFA4Interface.attend_backward(q, k, v, out, dout, lse, causal, cu_seqlens_q, cu_seqlens_k)
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def attend_backward(q, k, v, out, dout, lse, causal, cu_seqlens_q, cu_seqlens_k):
+        assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
+        assert q.dtype == k.dtype == v.dtype == out.dtype == dout.dtype and lse.dtype == torch.float32
         PlainFA4Interface.calls.append("bwd")
         groups, scale = q.size(1) // k.size(1), q.size(-1) ** -0.5
         dq, dk, dv = (torch.zeros_like(t, dtype=torch.float32) for t in (q, k, v))
         for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
-            qs, do = (t[a:b].float().transpose(0, 1) for t in (q, dout))
+            qs, do, os_ = (t[a:b].float().transpose(0, 1) for t in (q, dout, out))
             ks, vs = (t[a:b].float().transpose(0, 1).repeat_interleave(groups, 0) for t in (k, v))
             s = (qs @ ks.transpose(1, 2) * scale).masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(),
                                                              float("-inf"))
             p = torch.exp(s - lse[:, a:b, None])
             dp = do @ vs.transpose(1, 2)
-            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+            ds = p * (dp - (do * os_).sum(-1, keepdim=True)) * scale  # FA4's D = rowsum(dO * O), from the forward's O
             dq[a:b] = (ds @ ks).transpose(0, 1)
             fold = lambda t: t.unflatten(0, (k.size(1), groups)).sum(1).transpose(0, 1)  # noqa: E731
             dk[a:b], dv[a:b] = fold(ds.transpose(1, 2) @ qs), fold(p.transpose(1, 2) @ do)
@@ -355,6 +365,11 @@ def test_fa4_is_found_as_opaque_ops_that_compile_without_a_graph_break(monkeypat
     want = torch.autograd.grad(attend(q, k, v), (q, k, v))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+    # the fake (shape-only) versions against the real ops: shapes, dtypes, strides, autograd registration
+    out, lse = (t.detach() for t in M._fa4_forward(q, k, v, cu, 12))  # (the backward op has no gradient itself)
+    for op, args in ((M._fa4_forward, (q, k, v, cu, 12)),
+                     (M._fa4_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, 12))):
+        torch.library.opcheck(op, args)
     with pytest.raises(ValueError, match="only causal"):
         M.fa4_varlen(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12, causal=False)
 

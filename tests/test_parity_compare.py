@@ -59,25 +59,28 @@ def test_post_quantization_figures_of_both_sides(parity_compare, tmp_path):
     assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
                                 "--out", str(tmp_path / "out" / "pq")]) == 0
     res = json.loads((tmp_path / "out" / "pq.json").read_text())
-    assert res["post_quant"]["reference"] == pytest.approx(
+    assert res["post_quant"]["reference 1"] == pytest.approx(
         {"artifact_bytes": 15_952_301, "pre_quant_val_bpb": 2.06, "val_bpb": 2.09, "gap_bpb": 0.03})
     assert res["post_quant"]["golf"] == pytest.approx(
         {"artifact_bytes": 15_800_000, "pre_quant_val_bpb": 2.061, "val_bpb": 2.101, "gap_bpb": 0.04})
-    assert res["val_bpb"]["reference"] == pytest.approx(2.05)  # the raw score, not the post-ema line
+    # golf's pre-quant score is its EMA weights': beside the reference's post-EMA line, not its raw weights' 2.05
+    assert res["val_bpb"]["reference"] == pytest.approx(2.06) and res["val_bpb"]["diff"] == pytest.approx(0.001)
     assert res["within_band"] and res["max_abs_diff_from_10"] == pytest.approx(0.02, abs=1e-3)
     speed = res["throughput"]
     assert speed["golf"]["before_loop"] == pytest.approx(1.1e6, rel=1e-3)
     assert speed["reference"]["in_loop"] == pytest.approx(0.66e6, rel=0.02)  # from its rounded running tok/s
     md = (tmp_path / "out" / "pq.md").read_text()
-    assert "| reference | 15,952,301 | 2.0600 | 2.0900 | +0.0300 |" in md
+    assert "| reference 1 | 15,952,301 | 2.0600 | 2.0900 | +0.0300 |" in md and "(averaged (EMA) weights)" in md
     assert "| golf | 15,800,000 | 2.0610 | 2.1010 | +0.0400 |" in md
 
 
 def test_a_run_stopped_before_quantizing_has_no_post_quant_row_and_a_shifted_curve_fails(parity_compare, tmp_path):
+    """golf's eval.json always has a quantized score (RTN in a raw-weights run): no row without the reference's."""
     ref = reference_log(tmp_path / "ref.log", 120, post=False)
-    golf = golf_folder(tmp_path / "golf", 120, offset=0.07, post=False)
+    golf = golf_folder(tmp_path / "golf", 120, offset=0.07, post=True)
     assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
                                 "--out", str(tmp_path / "o")]) == 1  # 0.07 nats off: outside the 0.06 band
     res = json.loads((tmp_path / "o.json").read_text())
     assert "post_quant" not in res and not res["within_band"]
+    assert res["val_bpb"]["reference"] == pytest.approx(2.05)  # a PREQUANT_ONLY run: the raw weights' score
     assert "after quantization" not in (tmp_path / "o.md").read_text()
