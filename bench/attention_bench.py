@@ -7,7 +7,7 @@ bf16, documents of FineWeb-like lengths (drawn from a log-normal, seed 0) packed
   sdpa_dense     causal SDPA over whole rows, documents NOT isolated (what the reference runs without FA3)
   flex_isolated  FlexAttention with the per-document block mask, compiled (golf's fallback)
   fa4_varlen     golf's torch.library wrapper of FA4 (flash_attn.cute), when installed; eager and compiled
-Reports median ms (CUDA events), and each isolated case's max abs error against a float32 per-document
+Reports median ms (CUDA events) and peak MiB, and each isolated case's max abs error against a float32 per-document
 reference on the first rows (outputs and gradients). Writes DIR/attention_bench.{json,md} as it goes.
 """
 
@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gpt.model as M  # noqa: E402
+from bench.kernels_bench import measure  # noqa: E402  (CUDA events, median of iters, peak memory)
 
 H, KV, D = 8, 4, 64
 
@@ -39,21 +40,6 @@ def documents(rows: int, seq: int, gen: torch.Generator) -> torch.Tensor:
             idx[r, t] = 1
             t += max(16, int(torch.empty(1).log_normal_(6.5, 1.0, generator=gen).item()))
     return idx
-
-
-def timed(fn, iters: int) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def reference(q, k, v, idx):
@@ -90,7 +76,7 @@ def main() -> int:
     def record(name, fn, check=None):
         row = {"case": name}
         try:
-            row["ms"] = round(timed(lambda: fn().backward(grad), args.iters), 3)
+            row.update(measure(lambda: fn().backward(grad), args.iters, warmup=2))
             if check is not None:
                 for t in (q, k, v):
                     t.grad = None
@@ -126,10 +112,12 @@ def main() -> int:
             return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D).transpose(1, 2)
         record(f"fa4_varlen ({fa4.__name__})", varlen, check=True)
         record("fa4_varlen compiled", torch.compile(varlen, fullgraph=fa4 is M.fa4_varlen), check=True)
-    md = ["| case | ms fwd+bwd | max err out | dq | dk | dv | error |", "|---|---:|---:|---:|---:|---:|---|"]
+    md = ["| case | ms fwd+bwd | peak MiB | max err out | dq | dk | dv | error |",
+          "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        md.append(f"| {r['case']} | {r.get('ms', '')} | {r.get('max_err_out', '')} | {r.get('max_err_dq', '')} | "
-                  f"{r.get('max_err_dk', '')} | {r.get('max_err_dv', '')} | {r.get('error', '')} |")
+        cells = [r.get(k, "") for k in ("ms", "peak_mib", "max_err_out", "max_err_dq", "max_err_dk", "max_err_dv",
+                                          "error")]
+        md.append(f"| {r['case']} | " + " | ".join(map(str, cells)) + " |")
     (out / "attention_bench.md").write_text(
         f"{B} rows x {T} tokens, {n_docs} documents, {H}/{KV} heads of {D}, bf16, {torch.cuda.get_device_name()}\n\n"
         + "\n".join(md) + "\n")
