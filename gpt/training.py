@@ -217,7 +217,10 @@ class TokenStream:
         if device.type == "cuda":
             buf = buf.pin_memory().to(device, non_blocking=True)
         buf = buf.long()
-        self.pos -= 1  # the next span starts at the last target, as in the official loader
+        # the next span starts at the last target. (The official baseline's loader differs: it reads local + 1
+        # tokens per micro-batch and never steps back, so it is 8 tokens further on per step at 8 micro-batches
+        # and no row matches golf's from step 2 on. BENCHMARKS.md, "What the step-20 gap is".)
+        self.pos -= 1
         return buf[:-1].view(-1, seq_len), buf[1:].view(-1, seq_len)
 
 
