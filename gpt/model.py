@@ -491,18 +491,7 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        nn.init.normal_(self.embed.weight, std=cfg.tied_embed_init_std)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        if cfg.orthogonal_init:
-            for block in self.blocks:
-                for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
-                    nn.init.orthogonal_(linear.weight, gain=1.0)
-        if cfg.mup_out_init:
-            with torch.no_grad():
-                for block in self.blocks:
-                    for linear in (block.attn.out, block.mlp.proj):
-                        nn.init.orthogonal_(linear.weight, gain=1.0)
-                        linear.weight.mul_((2 * cfg.num_layers) ** -0.5)
         self.n_encoder = cfg.num_layers // 2 if cfg.unet_skips else 0
         n_skips = min(self.n_encoder, cfg.num_layers - self.n_encoder)
         if cfg.unet_skips and cfg.recur_resplit and cfg.has_recurrence:  # the looped sequence's halves
@@ -513,12 +502,33 @@ class GPT(nn.Module):
         self.smear = SmearGate(cfg.model_dim, cfg.bos_id) if cfg.smear_gate else None
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id) \
             if cfg.bigram_buckets else None
+        self.init_weights()
         # whether the recurrence span runs twice; training switches it on part-way, inference keeps it on
         self.recurrence_active = cfg.has_recurrence
         # set by the eval while every batch row holds one document (isolated windows, LoRA TTT's rows): a row's
         # isolating mask is then the causal one, so the mask is not built (FlexAttention's block mask, built per
         # forward outside any graph, cost more than the attention; plain causal SDPA takes its place)
         self.rows_are_documents = False
+
+    def init_weights(self) -> None:
+        """The draws that replace the modules' default init, made after every module is built.
+
+        The order matters at a given seed: the official scripts build all modules first (each Linear draws its
+        default init as it is made) and draw the embedding's N(0, std) last, so golf does too. With the embedding
+        drawn before the blocks, every block matrix was another sample than the official's at the same seed
+        (correlation 0.001: golf was in effect another seed; BENCHMARKS.md, "What the step-20 gap is")."""
+        cfg = self.cfg
+        nn.init.normal_(self.embed.weight, std=cfg.tied_embed_init_std)
+        if cfg.orthogonal_init:
+            for block in self.blocks:
+                for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
+                    nn.init.orthogonal_(linear.weight, gain=1.0)
+        if cfg.mup_out_init:
+            with torch.no_grad():
+                for block in self.blocks:
+                    for linear in (block.attn.out, block.mlp.proj):
+                        nn.init.orthogonal_(linear.weight, gain=1.0)
+                        linear.weight.mul_((2 * cfg.num_layers) ** -0.5)
 
     @staticmethod
     def looped_layers(cfg: ModelConfig, active: bool) -> list[int]:
