@@ -176,10 +176,14 @@ class StopSignal:
 
 # --- data ---------------------------------------------------------------------------------------
 class TokenStream:
-    """Contiguous (x, y) batches from the train shards, each process taking its own slice; wraps around."""
+    """Contiguous (x, y) batches from the train shards, each process taking its own slice; wraps around.
 
-    def __init__(self, paths: list[Path], rank: int, world: int):
-        self.paths, self.rank, self.world = paths, rank, world
+    Cut as the official baseline's loader cuts them: each micro-batch reads world * (micro_tokens + 1) tokens,
+    process r taking the r-th slice of micro_tokens + 1, and the next micro-batch starts after them (no token is
+    read twice). micro_tokens=None reads the whole step as one micro-batch."""
+
+    def __init__(self, paths: list[Path], rank: int, world: int, micro_tokens: int | None = None):
+        self.paths, self.rank, self.world, self.micro_tokens = paths, rank, world, micro_tokens
         self.shard, self.pos = 0, 0
         self.tokens = load_tokens(paths[0])
 
@@ -196,7 +200,7 @@ class TokenStream:
     def _take(self, n: int) -> np.ndarray:
         out = []
         while n > 0:
-            if self.pos >= len(self.tokens) - 1:
+            if self.pos >= len(self.tokens):
                 self.shard = (self.shard + 1) % len(self.paths)
                 self.tokens, self.pos = load_tokens(self.paths[self.shard]), 0
             chunk = self.tokens[self.pos:self.pos + n]
@@ -211,17 +215,17 @@ class TokenStream:
         One host-to-device copy per call: call it once per optimizer step and slice micro-batches on the
         device, so the copy's synchronisation happens once, while the GPU is idle anyway.
         """
-        span = self._take(self.world * local_tokens + 1)  # every process reads the same span
-        start = self.rank * local_tokens
-        buf = torch.from_numpy(span[start:start + local_tokens + 1].astype(np.int32))
+        micro = self.micro_tokens or local_tokens
+        spans = []
+        for _ in range(local_tokens // micro):
+            span = self._take(self.world * (micro + 1))  # every process reads the same span
+            start = self.rank * (micro + 1)
+            spans.append(span[start:start + micro + 1])
+        buf = torch.from_numpy(np.stack(spans).astype(np.int32))
         if device.type == "cuda":
             buf = buf.pin_memory().to(device, non_blocking=True)
-        buf = buf.long()
-        # the next span starts at the last target. (The official baseline's loader differs: it reads local + 1
-        # tokens per micro-batch and never steps back, so it is 8 tokens further on per step at 8 micro-batches
-        # and no row matches golf's from step 2 on. BENCHMARKS.md, "What the step-20 gap is".)
-        self.pos -= 1
-        return buf[:-1].view(-1, seq_len), buf[1:].view(-1, seq_len)
+        buf = buf.long()  # (micro-batches, micro + 1): each one's last token is a target only
+        return buf[:, :-1].reshape(-1, seq_len), buf[:, 1:].reshape(-1, seq_len)
 
 
 class ShardSpans(TokenStream):
@@ -230,8 +234,8 @@ class ShardSpans(TokenStream):
     shard (after the last, the first), so each pass over the data repeats the same rows."""
 
     def __init__(self, paths: list[Path], rank: int, world: int, micro_tokens: int, bos_id: int):
-        self.micro_tokens, self.bos_id = micro_tokens, bos_id
-        super().__init__(paths, rank, world)
+        self.bos_id = bos_id
+        super().__init__(paths, rank, world, micro_tokens)
         self.pos = self.first_bos()
 
     def first_bos(self) -> int:
@@ -474,7 +478,7 @@ class Trainer:
                              f"{self.local_tokens} and be a multiple of seq_len={cfg.seq_len}")
         self.grad_accum = self.local_tokens // self.micro
         self.stream = (ShardSpans(train_shards, self.ranks.rank, world, self.micro, self.mcfg.bos_id)
-                       if cfg.loader == "shard_spans" else TokenStream(train_shards, self.ranks.rank, world))
+                       if cfg.loader == "shard_spans" else TokenStream(train_shards, self.ranks.rank, world, self.micro))
         self.step_no, self.metrics, self.resumed_from = 0, [], None
         self.clock, self.last_snapshot, self.warmup_seconds = Clock(), 0.0, 0.0
         self.ckpt_dir, self.resume_path = work / "checkpoints", work / "resume.pt"
@@ -563,6 +567,8 @@ class Trainer:
                 opt.load_state_dict(sd)
         self.stream.load_state(loader_init)
         self.warmup_seconds = time.perf_counter() - t
+        if self.device.type == "cuda":  # train.json's peak is the timed steps' (the warm-up's compile allocates more)
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.master:
             log.info("compile warm-up took %.1f s", self.warmup_seconds)
 
@@ -774,6 +780,9 @@ class Trainer:
         cfg, world = self.cfg, self.ranks.world
         timed = self.metrics[min(len(self.metrics) - 1, 5):]  # skip the first steps' start-up cost
         tok_s = sum(m["tokens_per_s"] for m in timed) / len(timed)
+        # model FLOPs by golf's count: a step with the recurrence on runs the looped layers' extra calls
+        flops = {phase: flops_per_token(self.mcfg, cfg.seq_len, phase) for phase in (False, True)}
+        flop_s = sum(m["tokens_per_s"] * flops[m.get("recurrence", False)] for m in timed) / len(timed)
         by_phase = {}
         for phase in (False, True):
             ms = sorted(m["step_ms"] for m in timed if m.get("recurrence", False) == phase)
@@ -783,7 +792,10 @@ class Trainer:
             "steps": self.step_no, "stop_reason": stop_reason, "train_seconds": round(train_seconds, 3),
             "warmup_seconds": round(self.warmup_seconds, 3), "tokens": self.step_no * cfg.batch_tokens,
             "tokens_per_s": round(tok_s), "tokens_per_s_per_process": round(tok_s / world),
-            "tflops_per_s": round(tok_s * flops_per_token(self.mcfg, cfg.seq_len) / 1e12, 3),
+            "tflops_per_s": round(flop_s / 1e12, 3),
+            # this process's peak of allocated GPU memory over the timed steps (None off CUDA)
+            "peak_memory_mib": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+            if self.device.type == "cuda" else None,
             "median_tokens_per_s_by_recurrence": by_phase,
             "final_train_loss": float(np.mean([m["loss"] for m in self.metrics[-10:]])),
             "params": self.model.num_params(), "world_size": world, "device": str(self.device.type),

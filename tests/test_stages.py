@@ -46,6 +46,8 @@ def test_training_honours_the_wallclock_cap_and_leaves_what_averaging_needs(pipe
     assert len(art.files("checkpoints/")) >= 2
     lines = art.file("metrics.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {"loss", "lr_mult", "tokens_per_s", "step_ms"} <= set(json.loads(lines[0]))
+    # model FLOP/s by golf's count over the timed steps; the GPU memory peak only on CUDA
+    assert m["tflops_per_s"] > 0 and m["peak_memory_mib"] is None
 
 
 def test_wallclock_cap_stops_training(store, fast_cfg, caplog):
