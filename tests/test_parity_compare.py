@@ -84,3 +84,24 @@ def test_a_run_stopped_before_quantizing_has_no_post_quant_row_and_a_shifted_cur
     assert "post_quant" not in res and not res["within_band"]
     assert res["val_bpb"]["reference"] == pytest.approx(2.05)  # a PREQUANT_ONLY run: the raw weights' score
     assert "after quantization" not in (tmp_path / "o.md").read_text()
+
+
+def test_an_isolated_postquant_run_beside_a_reference_stopped_in_its_gptq(parity_compare, tmp_path):
+    """The sitting's case: the reference's call ended inside its GPTQ (a post-EMA line, no quantized one); golf's
+    POSTQUANT run isolated documents. Its EMA score goes beside the reference's post-EMA line, its post-quant row
+    is shown alone, and its curve is not held to the band (another task than the reference's dense rows)."""
+    ref = reference_log(tmp_path / "ref.log", 120, post=False)
+    golf = golf_folder(tmp_path / "golf_record_seed42_postquant_isolated", 120, offset=-0.12, post=True)
+    (golf / "train.json").write_text(json.dumps({"model_config": {"doc_isolation": True}}))
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
+                                "--out", str(tmp_path / "iso")]) == 0
+    res = json.loads((tmp_path / "iso.json").read_text())
+    assert res["within_band"] is None and res["golf_isolated"]
+    assert res["val_bpb"]["reference"] == pytest.approx(2.06) and res["val_bpb"]["weights"] == "averaged (EMA)"
+    assert list(res["post_quant"]) == ["golf"]
+    md = (tmp_path / "iso.md").read_text()
+    assert "Not banded" in md and "Outside the band" not in md
+    # the same curve from a dense-rows run is held to the band, and fails it
+    (golf / "train.json").write_text(json.dumps({"model_config": {"doc_isolation": False}}))
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
+                                "--out", str(tmp_path / "dense")]) == 1
