@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device sitting for issues 16 and 18: the reference and golf on the same warm H200, in five calls chained
+# without pauses (a machine is given back 30 s after a call; /tmp is lost with it). The carry limit (64 MiB with the
+# working tree) takes .fa4a alone, then .fa4b + .whl, then .ref. Everything lands under $OUT, a log per step.
+#
+#   here, once:  bash bench/parity_carry.sh && bash bench/fa4_wheels.sh        (.ref .whl .fa4a .fa4b, git-ignored)
+#   call 1:  run(carry=[".fa4a"])          PHASE=fa4a       bash bench/parity_sitting.sh   (seconds, once started)
+#   call 2:  run(carry=[".fa4b", ".whl"])  PHASE=fa4b       bash bench/parity_sitting.sh   (FA4 joined, installed)
+#   call 3:  run(carry=[".ref"])           PHASE=setup      bash bench/parity_sitting.sh
+#            the bench documents and the reference's token files laid out (the prep
+#            run_reference.sh does first, run ahead so the reference's own call keeps its 575 s for training);
+#            bench/attention_bench.py; then the baseline on both sides (200 steps, seed 42)
+#   call 4:  run(carry=[])  PHASE=golf       bash bench/parity_sitting.sh   record preset, 120 steps, documents
+#            isolated (FA4 when it imported), through EMA, GPTQ + LQER and the score
+#   call 5:  run(carry=[])  PHASE=reference  bash bench/parity_sitting.sh   the record script, 120 steps, through
+#            its GPTQ and quantized score
+#   here:    python bench/parity_compare.py --which record|baseline --ref <log> --golf <folder> --out ...
+set -u
+PHASE=${PHASE:?PHASE=fa4a|fa4b|setup|golf|reference}
+export OUT=${OUT:-/tmp/out}; K=/tmp/keep; mkdir -p "$K" "$OUT"
+keep() { [ -e "$1" ] && [ ! -L "$1" ] && rm -rf "${K:?}/$1" && cp -r "$1" "$K/"; [ -e "$1" ] || ln -s "$K/$1" "$1"; }
+case $PHASE in
+fa4a)
+  bash bench/fa4_install.sh ;;
+fa4b)
+  keep .whl && bash bench/fa4_install.sh ;;
+setup)
+  keep .whl; keep .ref
+  # the reference's token files (its own tools, as run_reference.sh calls them) in the background
+  ( Q=/tmp/refdata F=.ref/fineweb_sample; mkdir -p $Q
+    [ -f $Q/part_0.jsonl ] || PYTHONPATH=/tmp/site python3 -c "import zstandard,sys;zstandard.ZstdDecompressor().copy_stream(open('.ref/part_0.jsonl.zst','rb'),open('$Q/part_0.jsonl','wb'))"
+    [ -d $Q/sp1024 ] || python3 .ref/scripts/tok_bench.py $F/fineweb_1024_bpe.model $Q/sp1024 $Q/part_0.jsonl $F/val_docs_901.jsonl
+    [ -d $Q/sp8192 ] || python3 .ref/scripts/tok_bench.py $F/fineweb_8192_bpe.model $Q/sp8192 $Q/part_0.jsonl $F/val_docs_901.jsonl
+    [ -f $Q/sp8192/fineweb_val_bytes_000000.bin ] || python3 .ref/scripts/make_sidecar.py $F/fineweb_8192_bpe.model \
+      $Q/sp8192/fineweb_val_000000.bin $Q/sp8192/fineweb_val_bytes_000000.bin
+    echo "reference data ready: $(du -sh $Q | cut -f1)" ) > "$OUT/refdata.txt" 2>&1 &
+  prep=$!
+  CORPUS=.ref PARTS=0 source bench/gpu_setup.sh
+  timeout 120 python3 bench/attention_bench.py --out "$OUT/attn" > "$OUT/attn.txt" 2>&1; tail -8 "$OUT/attn.txt"
+  WHICH=baseline SIDE=golf STEPS=200 TAG=_s7 bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1
+  tail -4 "$OUT/baseline_golf.txt"
+  wait $prep; cat "$OUT/refdata.txt"
+  WHICH=baseline SIDE=reference STEPS=200 TAG=_s7 bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1
+  tail -3 "$OUT/baseline_reference.txt" ;;
+golf)
+  keep .whl; keep .ref
+  WHICH=record SIDE=golf STEPS=120 POSTQUANT=1 ISOLATE=1 TAG=_s7 bash bench/parity.sh ;;
+reference)
+  keep .whl; keep .ref
+  WHICH=record SIDE=reference STEPS=120 POSTQUANT=1 TAG=_s7 bash bench/parity.sh ;;
+esac
