@@ -10,11 +10,16 @@
 #            the bench documents and the reference's token files laid out (the prep
 #            run_reference.sh does first, run ahead so the reference's own call keeps its 575 s for training);
 #            bench/attention_bench.py; then the baseline on both sides (200 steps, seed 42)
-#   call 4:  run(carry=[])  PHASE=golf       bash bench/parity_sitting.sh   record preset, 120 steps, documents
-#            isolated (FA4 when it imported), through EMA, GPTQ + LQER and the score
-#   call 5:  run(carry=[])  PHASE=reference  bash bench/parity_sitting.sh   the record script, 120 steps, through
-#            its GPTQ and quantized score
+#   call 4:  run(carry=[])  PHASE=golf       bash bench/parity_sitting.sh   record preset, STEPS (120) steps,
+#            documents isolated (FA4 when it imported), through EMA, GPTQ + LQER and the score
+#   call 5:  run(carry=[])  PHASE=reference  bash bench/parity_sitting.sh   the record script, STEPS (120) steps,
+#            through its GPTQ and quantized score (120 did not fit its 575 s on 2026-12-01: try STEPS=40)
+#   other phases, each a call on the same warm machine after setup:
+#            PHASE=golf_dense  the record preset on dense rows (no isolation), the band's run, STEPS (120) steps
+#            PHASE=kernels     bench/train_profile.py on the record's step: the Triton CE + MLP kernels against the
+#                              torch/inductor path, loop off and on (ms per step, top kernels, peak memory)
 #   here:    python bench/parity_compare.py --which record|baseline --ref <log> --golf <folder> --out ...
+# A call brings back at most 8 files: each phase packs what it wrote into $OUT/PHASE.tgz (tar xzf it here).
 set -u
 PHASE=${PHASE:?PHASE=fa4a|fa4b|setup|golf|reference}
 export OUT=${OUT:-/tmp/out}; K=/tmp/keep; mkdir -p "$K" "$OUT"
@@ -26,6 +31,7 @@ fa4b)
   keep .whl && bash bench/fa4_install.sh ;;
 setup)
   keep .whl; keep .ref
+  CORPUS=.ref PARTS=0 source bench/gpu_setup.sh  # first: it installs zstandard, which the reference's prep needs
   # the reference's token files (its own tools, as run_reference.sh calls them) in the background
   ( Q=/tmp/refdata F=.ref/fineweb_sample; mkdir -p $Q
     [ -f $Q/part_0.jsonl ] || PYTHONPATH=/tmp/site python3 -c "import zstandard,sys;zstandard.ZstdDecompressor().copy_stream(open('.ref/part_0.jsonl.zst','rb'),open('$Q/part_0.jsonl','wb'))"
@@ -35,17 +41,34 @@ setup)
       $Q/sp8192/fineweb_val_000000.bin $Q/sp8192/fineweb_val_bytes_000000.bin
     echo "reference data ready: $(du -sh $Q | cut -f1)" ) > "$OUT/refdata.txt" 2>&1 &
   prep=$!
-  CORPUS=.ref PARTS=0 source bench/gpu_setup.sh
   timeout 120 python3 bench/attention_bench.py --out "$OUT/attn" > "$OUT/attn.txt" 2>&1; tail -8 "$OUT/attn.txt"
-  WHICH=baseline SIDE=golf STEPS=200 TAG=_s7 bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1
+  WHICH=baseline SIDE=golf STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1
   tail -4 "$OUT/baseline_golf.txt"
   wait $prep; cat "$OUT/refdata.txt"
-  WHICH=baseline SIDE=reference STEPS=200 TAG=_s7 bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1
+  WHICH=baseline SIDE=reference STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1
   tail -3 "$OUT/baseline_reference.txt" ;;
 golf)
   keep .whl; keep .ref
-  WHICH=record SIDE=golf STEPS=120 POSTQUANT=1 ISOLATE=1 TAG=_s7 bash bench/parity.sh ;;
+  WHICH=record SIDE=golf STEPS=${STEPS:-120} POSTQUANT=1 ISOLATE=1 TAG=${TAG:-} bash bench/parity.sh ;;
+golf_dense)
+  keep .whl; keep .ref
+  WHICH=record SIDE=golf STEPS=${STEPS:-120} TAG=${TAG:-} bash bench/parity.sh ;;
 reference)
   keep .whl; keep .ref
-  WHICH=record SIDE=reference STEPS=120 POSTQUANT=1 TAG=_s7 bash bench/parity.sh ;;
+  WHICH=record SIDE=reference STEPS=${STEPS:-120} POSTQUANT=1 TAG=${TAG:-} bash bench/parity.sh ;;
+kernels)
+  keep .whl; keep .ref
+  source bench/gpu_setup.sh; mkdir -p "$OUT/kernels"
+  for recur in off on; do for k in torch triton; do
+    timeout 200 python3 bench/train_profile.py --preset record --vocab 8192 --recurrence $recur --label ${k}_loop_$recur \
+      --set train.ce_kernel=$k --set train.mlp_kernel=$k --out "$OUT/kernels" > "$OUT/kernels/${k}_loop_$recur.txt" 2>&1
+    grep "^RESULT" "$OUT/kernels/${k}_loop_$recur.txt" | cut -c1-400
+  done; done ;;
+*)
+  echo "parity_sitting.sh: unknown PHASE=$PHASE" >&2; exit 2 ;;
 esac
+rc=$?
+# one file back instead of many (a call returns at most 8)
+(cd "$OUT" && tar czf "$PHASE.tgz" --exclude='*.tgz' . 2>/dev/null && find . -mindepth 1 -maxdepth 1 ! -name '*.tgz' \
+  -exec rm -rf {} +)
+exit $rc
