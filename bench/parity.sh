@@ -54,8 +54,12 @@ if [ "$SIDE" = reference ]; then
     sleep 5
   done
   wait $ref
-  mv "$OUT/reference_$WHICH.log" "$P/reference_${WHICH}_seed$SEED$TAG.log"
-  tail -5 "$P/reference_${WHICH}_seed$SEED$TAG.log"
+  log="$P/reference_${WHICH}_seed$SEED$TAG.log"
+  mv "$OUT/reference_$WHICH.log" "$log"
+  tail -5 "$log"
+  # stopped on purpose once done_at is written (the baseline ends by itself, after its roundtrip score)
+  ok_at=$done_at; [ "$WHICH" = baseline ] && [ "$STOP_AFTER" -eq 0 ] && ok_at="final_int8_zlib_roundtrip_exact"
+  grep -q "$ok_at" "$log" || { echo "parity.sh: the reference never wrote '$ok_at' (see $P/reference_run.txt)" >&2; exit 1; }
   exit 0
 fi
 seq=2048; extra=(--set average.method=final --set quantize.method=rtn)  # raw weights: only pre-quant is compared
@@ -75,8 +79,9 @@ while [ "$STOP_AFTER" -gt 0 ] && kill -0 $golf 2>/dev/null; do  # stop after STO
   [ "$n" -ge "$STOP_AFTER" ] && { kill -TERM -- -$golf; sleep 5; kill -KILL -- -$golf 2>/dev/null; break; }
   sleep 2
 done
-wait $golf
-echo "golf exit $?" | tee -a "$P/$tag.txt"
+wait $golf; golf_rc=$?
+[ "$STOP_AFTER" -gt 0 ] && golf_rc=0  # stopped on purpose after STOP_AFTER steps
+echo "golf exit $golf_rc" | tee -a "$P/$tag.txt"
 mkdir -p "$P/$tag"
 cp "$(ls -td "$GOLF_STORE"/work/train-* 2>/dev/null | head -1)/metrics.live.jsonl" "$P/$tag/" 2>/dev/null
 for s in train quantize eval; do
@@ -84,3 +89,4 @@ for s in train quantize eval; do
   cp "$d"/*.json "$d"/metrics.jsonl "$P/$tag/" 2>/dev/null
 done
 grep -v "it/s\]" "$P/$tag.txt" | tail -12
+exit $golf_rc

@@ -81,8 +81,10 @@ def read_golf(folder: Path) -> dict:
     return {"loss": {r["step"]: r["loss"] for r in rows}, "seconds": {r["step"]: r["elapsed_s"] for r in rows},
             "val_bpb": val, "loop_step": next((r["step"] for r in rows if r.get("recurrence")), None),
             "post_quant": post_quant(post),
-            # parity.sh names a POSTQUANT run's folder ..._postquant[_isolated]: its pre-quant score is the EMA's
-            "averaged": "_postquant" in folder.name, "isolated": bool(model.get("doc_isolation"))}
+            # parity.sh names a POSTQUANT run's folder ..._postquant[_isolated]: its pre-quant score is the EMA's;
+            # an ISOLATE=1 folder ends in _isolated (a STOP_AFTER run's folder has no train.json to say so)
+            "averaged": "_postquant" in folder.name,
+            "isolated": bool(model.get("doc_isolation")) or folder.name.endswith("_isolated")}
 
 
 def throughput(seconds: dict, lo: int, hi: int, batch: int) -> float | None:

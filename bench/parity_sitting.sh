@@ -21,53 +21,57 @@
 #   here:    python bench/parity_compare.py --which record|baseline --ref <log> --golf <folder> --out ...
 # A call brings back at most 8 files: each phase packs what it wrote into $OUT/PHASE.tgz (tar xzf it here).
 set -u
-PHASE=${PHASE:?PHASE=fa4a|fa4b|setup|golf|reference}
+PHASE=${PHASE:?PHASE=fa4a|fa4b|setup|golf|golf_dense|reference|kernels}
 export OUT=${OUT:-/tmp/out}; K=/tmp/keep; mkdir -p "$K" "$OUT"
 keep() { [ -e "$1" ] && [ ! -L "$1" ] && rm -rf "${K:?}/$1" && cp -r "$1" "$K/"; [ -e "$1" ] || ln -s "$K/$1" "$1"; }
+rc=0  # the phase's status: any step that fails sets it (and the phase still packs what it has)
 case $PHASE in
 fa4a)
-  bash bench/fa4_install.sh ;;
+  bash bench/fa4_install.sh || rc=$? ;;
 fa4b)
-  keep .whl && bash bench/fa4_install.sh ;;
+  keep .whl && bash bench/fa4_install.sh || rc=$? ;;
 setup)
   keep .whl; keep .ref
   CORPUS=.ref PARTS=0 source bench/gpu_setup.sh  # first: it installs zstandard, which the reference's prep needs
-  # the reference's token files (its own tools, as run_reference.sh calls them) in the background
-  ( Q=/tmp/refdata F=.ref/fineweb_sample; mkdir -p $Q
-    [ -f $Q/part_0.jsonl ] || PYTHONPATH=/tmp/site python3 -c "import zstandard,sys;zstandard.ZstdDecompressor().copy_stream(open('.ref/part_0.jsonl.zst','rb'),open('$Q/part_0.jsonl','wb'))"
-    [ -d $Q/sp1024 ] || python3 .ref/scripts/tok_bench.py $F/fineweb_1024_bpe.model $Q/sp1024 $Q/part_0.jsonl $F/val_docs_901.jsonl
-    [ -d $Q/sp8192 ] || python3 .ref/scripts/tok_bench.py $F/fineweb_8192_bpe.model $Q/sp8192 $Q/part_0.jsonl $F/val_docs_901.jsonl
+  # the reference's token files (its own tools, as run_reference.sh calls them) in the background; each file is
+  # written under a .part name and moved into place, so a prep cut short is redone, not taken for done
+  ( set -e; Q=/tmp/refdata F=.ref/fineweb_sample; mkdir -p $Q
+    [ -f $Q/part_0.jsonl ] || { PYTHONPATH=/tmp/site python3 -c "import zstandard;zstandard.ZstdDecompressor().copy_stream(open('.ref/part_0.jsonl.zst','rb'),open('$Q/part_0.jsonl.part','wb'))"; mv $Q/part_0.jsonl.part $Q/part_0.jsonl; }
+    for v in 1024 8192; do
+      [ -d $Q/sp$v ] || { rm -rf $Q/sp$v.part; python3 .ref/scripts/tok_bench.py $F/fineweb_${v}_bpe.model $Q/sp$v.part $Q/part_0.jsonl $F/val_docs_901.jsonl; mv $Q/sp$v.part $Q/sp$v; }
+    done
     [ -f $Q/sp8192/fineweb_val_bytes_000000.bin ] || python3 .ref/scripts/make_sidecar.py $F/fineweb_8192_bpe.model \
       $Q/sp8192/fineweb_val_000000.bin $Q/sp8192/fineweb_val_bytes_000000.bin
     echo "reference data ready: $(du -sh $Q | cut -f1)" ) > "$OUT/refdata.txt" 2>&1 &
   prep=$!
-  timeout 120 python3 bench/attention_bench.py --out "$OUT/attn" > "$OUT/attn.txt" 2>&1; tail -8 "$OUT/attn.txt"
-  WHICH=baseline SIDE=golf STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1
+  timeout 120 python3 bench/attention_bench.py --out "$OUT/attn" > "$OUT/attn.txt" 2>&1 || rc=$?
+  tail -8 "$OUT/attn.txt"
+  WHICH=baseline SIDE=golf STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1 || rc=$?
   tail -4 "$OUT/baseline_golf.txt"
-  wait $prep; cat "$OUT/refdata.txt"
-  WHICH=baseline SIDE=reference STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1
+  wait $prep || { rc=1; echo "the reference's data prep failed:"; tail -3 "$OUT/refdata.txt"; }
+  WHICH=baseline SIDE=reference STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1 || rc=$?
   tail -3 "$OUT/baseline_reference.txt" ;;
 golf)
   keep .whl; keep .ref
-  WHICH=record SIDE=golf STEPS=${STEPS:-120} POSTQUANT=1 ISOLATE=1 TAG=${TAG:-} bash bench/parity.sh ;;
+  WHICH=record SIDE=golf STEPS=${STEPS:-120} POSTQUANT=1 ISOLATE=1 TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
 golf_dense)
   keep .whl; keep .ref
-  WHICH=record SIDE=golf STEPS=${STEPS:-120} TAG=${TAG:-} bash bench/parity.sh ;;
+  WHICH=record SIDE=golf STEPS=${STEPS:-120} TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
 reference)
   keep .whl; keep .ref
-  WHICH=record SIDE=reference STEPS=${STEPS:-120} POSTQUANT=1 TAG=${TAG:-} bash bench/parity.sh ;;
+  WHICH=record SIDE=reference STEPS=${STEPS:-120} POSTQUANT=1 TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
 kernels)
   keep .whl; keep .ref
   source bench/gpu_setup.sh; mkdir -p "$OUT/kernels"
   for recur in off on; do for k in torch triton; do
     timeout 200 python3 bench/train_profile.py --preset record --vocab 8192 --recurrence $recur --label ${k}_loop_$recur \
-      --set train.ce_kernel=$k --set train.mlp_kernel=$k --out "$OUT/kernels" > "$OUT/kernels/${k}_loop_$recur.txt" 2>&1
+      --set train.ce_kernel=$k --set train.mlp_kernel=$k --out "$OUT/kernels" > "$OUT/kernels/${k}_loop_$recur.txt" 2>&1 \
+      || rc=$?
     grep "^RESULT" "$OUT/kernels/${k}_loop_$recur.txt" | cut -c1-400
   done; done ;;
 *)
   echo "parity_sitting.sh: unknown PHASE=$PHASE" >&2; exit 2 ;;
 esac
-rc=$?
 # one file back instead of many (a call returns at most 8)
 (cd "$OUT" && tar czf "$PHASE.tgz" --exclude='*.tgz' . 2>/dev/null && find . -mindepth 1 -maxdepth 1 ! -name '*.tgz' \
   -exec rm -rf {} +)

@@ -84,8 +84,9 @@ class TrainConfig:
     # one H200 this is worth 0.13-0.2 nats of train loss from step 20 to 200 (BENCHMARKS.md "Record parity").
     # True does the same here, and runs the warm-up even without compile, since it now changes the result
     warmup_primes_muon: bool = False
-    # how batches are cut from the shards. stream (the official baseline's): one contiguous span per step, the next
-    # starting at its last target, running on across shards. shard_spans (the records'): every micro-batch its own
+    # how batches are cut from the shards. stream (the official baseline's): each micro-batch one contiguous span
+    # of world x (micro_batch_tokens + 1), a slice per process, none read twice, running on across shards (so
+    # micro_batch_tokens decides which tokens are trained on, as in the official). shard_spans (the records'): every micro-batch its own
     # span from the shard's first BOS on, a span that does not fit skips the shard's tail, after the last shard
     # shard 0 again, so every pass over the data cuts the same rows
     loader: str = "stream"

@@ -76,7 +76,7 @@ def test_batches_match_the_official_loader_token_for_token(official, tmp_path):
     for rank in range(world):
         ref = official.DistributedTokenLoader(str(tmp_path / "fineweb_train_*.bin"), rank, world, torch.device("cpu"))
         ours = TokenStream(paths, rank, world, micro)
-        for step in range(12):  # 12 x 1,032 tokens: past the first shard's end and around again
+        for step in range(12):  # 12 x 520 tokens of 4,700: past the first shard's end and around again
             x, y = ours.next_batch(local, seq_len, torch.device("cpu"))
             ref_xy = [ref.next_batch(global_tokens, seq_len, accum) for _ in range(accum)]
             rx, ry = torch.cat([a for a, _ in ref_xy]), torch.cat([b for _, b in ref_xy])

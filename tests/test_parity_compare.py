@@ -101,7 +101,17 @@ def test_an_isolated_postquant_run_beside_a_reference_stopped_in_its_gptq(parity
     assert list(res["post_quant"]) == ["golf"]
     md = (tmp_path / "iso.md").read_text()
     assert "Not banded" in md and "Outside the band" not in md
+    # a STOP_AFTER run's folder has only its live log: its name says it isolated
+    stopped = tmp_path / "golf_record_seed42_isolated"
+    stopped.mkdir()
+    (golf / "metrics.jsonl").rename(stopped / "metrics.live.jsonl")
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(stopped),
+                                "--out", str(tmp_path / "stopped")]) == 0
+    assert json.loads((tmp_path / "stopped.json").read_text())["within_band"] is None
     # the same curve from a dense-rows run is held to the band, and fails it
-    (golf / "train.json").write_text(json.dumps({"model_config": {"doc_isolation": False}}))
-    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
+    dense = tmp_path / "golf_record_seed42_postquant"
+    golf.rename(dense)
+    (stopped / "metrics.live.jsonl").rename(dense / "metrics.jsonl")
+    (dense / "train.json").write_text(json.dumps({"model_config": {"doc_isolation": False}}))
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(dense),
                                 "--out", str(tmp_path / "dense")]) == 1
