@@ -9,7 +9,8 @@
 #   call 3:  run(carry=[".ref"])           PHASE=setup      bash bench/parity_sitting.sh
 #            the bench documents and the reference's token files laid out (the prep
 #            run_reference.sh does first, run ahead so the reference's own call keeps its 575 s for training);
-#            bench/attention_bench.py; then the baseline on both sides (200 steps, seed 42)
+#            bench/attention_bench.py (ATTN=0 skips it); then the baseline on both sides (200 steps, seed 42;
+#            BASELINE=0 skips it)
 #   call 4:  run(carry=[])  PHASE=golf       bash bench/parity_sitting.sh   record preset, STEPS (120) steps,
 #            documents isolated (FA4 when it imported), through EMA, GPTQ + LQER and the score
 #   call 5:  run(carry=[])  PHASE=reference  bash bench/parity_sitting.sh   the record script, STEPS (120) steps,
@@ -17,7 +18,8 @@
 #   other phases, each a call on the same warm machine after setup:
 #            PHASE=golf_dense  the record preset on dense rows (no isolation), the band's run, STEPS (120) steps
 #            PHASE=kernels     bench/train_profile.py on the record's step: the Triton CE + MLP kernels against the
-#                              torch/inductor path, loop off and on (ms per step, top kernels, peak memory)
+#                              torch/inductor path, loop off and on (ms per step, top kernels, peak memory;
+#                              LOOPS=on for the loop-on pair alone)
 #   here:    python bench/parity_compare.py --which record|baseline --ref <log> --golf <folder> --out ...
 # A call brings back at most 8 files: each phase packs what it wrote into $OUT/PHASE.tgz (tar xzf it here).
 set -u
@@ -44,13 +46,19 @@ setup)
       $Q/sp8192/fineweb_val_000000.bin $Q/sp8192/fineweb_val_bytes_000000.bin
     echo "reference data ready: $(du -sh $Q | cut -f1)" ) > "$OUT/refdata.txt" 2>&1 &
   prep=$!
-  timeout 120 python3 bench/attention_bench.py --out "$OUT/attn" > "$OUT/attn.txt" 2>&1 || rc=$?
-  tail -8 "$OUT/attn.txt"
-  WHICH=baseline SIDE=golf STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1 || rc=$?
-  tail -4 "$OUT/baseline_golf.txt"
+  if [ "${ATTN:-1}" = 1 ]; then
+    timeout 120 python3 bench/attention_bench.py --out "$OUT/attn" > "$OUT/attn.txt" 2>&1 || rc=$?
+    tail -8 "$OUT/attn.txt"
+  fi
+  if [ "${BASELINE:-1}" = 1 ]; then  # BASELINE=0: the documents and the reference's data only
+    WHICH=baseline SIDE=golf STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_golf.txt" 2>&1 || rc=$?
+    tail -4 "$OUT/baseline_golf.txt"
+  fi
   wait $prep || { rc=1; echo "the reference's data prep failed:"; tail -3 "$OUT/refdata.txt"; }
-  WHICH=baseline SIDE=reference STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1 || rc=$?
-  tail -3 "$OUT/baseline_reference.txt" ;;
+  if [ "${BASELINE:-1}" = 1 ]; then
+    WHICH=baseline SIDE=reference STEPS=200 TAG=${TAG:-} bash bench/parity.sh > "$OUT/baseline_reference.txt" 2>&1 || rc=$?
+    tail -3 "$OUT/baseline_reference.txt"
+  fi ;;
 golf)
   keep .whl; keep .ref
   WHICH=record SIDE=golf STEPS=${STEPS:-120} POSTQUANT=1 ISOLATE=1 TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
@@ -63,7 +71,7 @@ reference)
 kernels)
   keep .whl; keep .ref
   source bench/gpu_setup.sh; mkdir -p "$OUT/kernels"
-  for recur in off on; do for k in torch triton; do
+  for recur in ${LOOPS:-off on}; do for k in torch triton; do
     timeout 200 python3 bench/train_profile.py --preset record --vocab 8192 --recurrence $recur --label ${k}_loop_$recur \
       --set train.ce_kernel=$k --set train.mlp_kernel=$k --out "$OUT/kernels" > "$OUT/kernels/${k}_loop_$recur.txt" 2>&1 \
       || rc=$?
