@@ -1,9 +1,9 @@
 # Sourced at the start of every GPU benchmark call (device machine: torch 2.11, no zstandard/brotli/prefect).
-# Installs carried wheels from .whl/ into /tmp/site and lays out the bench documents once per machine.
+# Installs carried wheels from .whl/ into /tmp/site (SITE= another, for two runs at once) and lays out the bench documents once per machine.
 set -u
 if ls .whl/*.whl >/dev/null 2>&1; then  # .whl-prefect/ too when carried (bench/prefect_wheels.sh)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    $(ls .whl-prefect/*.whl 2>/dev/null) && export PYTHONPATH=/tmp/site:$PWD || echo "wheel install failed"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "${SITE:-/tmp/site}" .whl/*.whl \
+    $(ls .whl-prefect/*.whl 2>/dev/null) && export PYTHONPATH=${SITE:-/tmp/site}:$PWD || echo "wheel install failed"
 else
   export PYTHONPATH=$PWD
 fi

@@ -42,8 +42,11 @@ if [ "$SIDE" = reference ]; then
   done_at="post-ema"; [ "$STOP_AFTER" -gt 0 ] && done_at="^$STOP_AFTER/$STEPS train_loss"
   prequant=1; [ "$POSTQUANT" = 1 ] && prequant=0 && done_at="diagnostic quantized"
   # REF_WARMUP_STEPS=N replaces run_reference.sh's WARMUP_STEPS=20 (the record's compile warm-up, which leaves its
-  # sharded Muon momentum primed: see BENCHMARKS.md "Record parity"), in a copy beside it so its paths still hold
-  sed "s/WARMUP_STEPS=20 /WARMUP_STEPS=${REF_WARMUP_STEPS:-20} /" .ref/scripts/run_reference.sh > .ref/scripts/run_reference_w.sh
+  # sharded Muon momentum primed: see BENCHMARKS.md "Record parity"), and REF_TIMEOUT=S its 575 s limit on the
+  # record (which a 120-step POSTQUANT run outlasts; bench/sitting_queue.sh runs it in the background, beyond one
+  # call), in a copy beside it so its paths still hold
+  sed -e "s/WARMUP_STEPS=20 /WARMUP_STEPS=${REF_WARMUP_STEPS:-20} /" -e "s/timeout 575 /timeout ${REF_TIMEOUT:-575} /" \
+    .ref/scripts/run_reference.sh > .ref/scripts/run_reference_w.sh
   setsid env PREQUANT_ONLY=$prequant TTT_ENABLED=0 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference_w.sh "$WHICH" "$STEPS" "$SEED" \
     > "$P/reference_run.txt" 2>&1 &
   ref=$!  # its own process group: stopped as one, nothing else on the machine touched
