@@ -44,8 +44,10 @@ if [ "$SIDE" = reference ]; then
   # REF_WARMUP_STEPS=N replaces run_reference.sh's WARMUP_STEPS=20 (the record's compile warm-up, which leaves its
   # sharded Muon momentum primed: see BENCHMARKS.md "Record parity"), and REF_TIMEOUT=S its 575 s limit on the
   # record (which a 120-step POSTQUANT run outlasts; bench/sitting_queue.sh runs it in the background, beyond one
-  # call), in a copy beside it so its paths still hold
+  # call), and REF_FUSED_CE=0 its Triton fused CE off (golf's CE is inductor's: the experiment that separates the
+  # two), in a copy beside it so its paths still hold
   sed -e "s/WARMUP_STEPS=20 /WARMUP_STEPS=${REF_WARMUP_STEPS:-20} /" -e "s/timeout 575 /timeout ${REF_TIMEOUT:-575} /" \
+    -e "s/FUSED_CE_ENABLED=1 /FUSED_CE_ENABLED=${REF_FUSED_CE:-1} /" \
     .ref/scripts/run_reference.sh > .ref/scripts/run_reference_w.sh
   setsid env PREQUANT_ONLY=$prequant TTT_ENABLED=0 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference_w.sh "$WHICH" "$STEPS" "$SEED" \
     > "$P/reference_run.txt" 2>&1 &

@@ -1,7 +1,7 @@
 """Compare golf's training curve with a reference script's, from bench/parity.sh's logs: a table, a plot, a verdict.
 
     python bench/parity_compare.py --which record --ref R1.log --ref R2.log --golf DIR [--golf-isolated DIR] \
-        --out bench/results/parity/record
+        [--golf-postquant DIR] --out bench/results/parity/record
 
 The reference logs are the scripts' own (record: ``10/200 train_loss: 6.7951 train_time: 0.1m tok/s: 996000``;
 baseline: ``step:10/200 train_loss:5.9083 train_time:1234ms``); a golf run is the folder parity.sh copies out of
@@ -94,7 +94,9 @@ def throughput(seconds: dict, lo: int, hi: int, batch: int) -> float | None:
     return None
 
 
-def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None) -> dict:
+def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None, postquant: dict | None = None) -> dict:
+    """postquant: golf's POSTQUANT run of the same schedule beside a raw-weights golf run (two runs, one training:
+    the store serves the second's train stage from the first's)."""
     batch = BATCH[which]
     last = max(golf["loss"])
     steps = [s for s in sorted(set().union(*(r["loss"] for r in refs))) if s in golf["loss"]
@@ -106,10 +108,9 @@ def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None) -> 
                       "golf": golf["loss"][s], "diff": golf["loss"][s] - ref_mean})
     banded = [row for row in table if row["step"] >= 10]
     diffs = [row["diff"] for row in banded]
-    # a POSTQUANT run (every reference went through GPTQ): golf's pre-quant score is its EMA weights', so the
-    # reference's to compare is its post-EMA line, not its raw weights' (which is what a PREQUANT_ONLY run scores)
-    postquant = all(r.get("post_quant") for r in refs)
-    averaged = postquant or golf.get("averaged", False)  # a reference stopped mid-GPTQ still has its post-EMA line
+    # golf's pre-quant score is its EMA weights' in a POSTQUANT run (folder ..._postquant): beside the reference's
+    # post-EMA line; a raw-weights run's beside the reference's raw line (which a POSTQUANT reference log has too)
+    averaged = golf.get("averaged", False)
     ref_vals = [r.get("post_ema_val_bpb") if averaged else r["val_bpb"] for r in refs]
     ref_vals = [v for v in ref_vals if v is not None]
     ref_val = statistics.mean(ref_vals) if ref_vals else None
@@ -132,9 +133,17 @@ def compare(which: str, refs: list[dict], golf: dict, isolated: dict | None) -> 
         "throughput_windows": {"before_loop": before, "in_loop": during}, "throughput": speed,
     }
     out["val_bpb"]["weights"] = "averaged (EMA)" if averaged else "raw"
-    if postquant or golf.get("post_quant") and averaged:  # golf's rows only beside the reference's: a raw-weights run's RTN "gap" is not a comparison
-        runs = [(f"reference {i + 1}", r) for i, r in enumerate(refs)] + [("golf", golf), ("golf_isolated", isolated)]
-        out["post_quant"] = {name: run["post_quant"] for name, run in runs if run is not None and run.get("post_quant")}
+    # post-quantization rows: the references' that got through GPTQ, golf's from a POSTQUANT (averaged) run only:
+    # a raw-weights run's RTN "gap" is not a comparison
+    pq = postquant or (golf if averaged else None)
+    runs = [(f"reference {i + 1}", r) for i, r in enumerate(refs)] + [("golf", pq)]
+    runs.append(("golf_isolated", isolated if isolated and isolated.get("averaged") else None))
+    rows = {name: run["post_quant"] for name, run in runs if run is not None and run.get("post_quant")}
+    if rows:
+        out["post_quant"] = rows
+    if postquant is not None:  # the EMA weights' scores of both sides, beside the raw ones above
+        ema = [r.get("post_ema_val_bpb") for r in refs if r.get("post_ema_val_bpb") is not None]
+        out["val_bpb_averaged"] = {"reference": statistics.mean(ema) if ema else None, "golf": postquant["val_bpb"]}
     out["within_band"] = bool(diffs) and out["max_abs_diff_from_10"] <= BAND and abs(out["mean_diff_from_10"]) < MEAN_BAND
     # golf isolating documents trains on another task than the reference's dense rows (FA3 is not on the image):
     # its curve is shown, but the band is for golf's dense-rows run (parity.sh without ISOLATE)
@@ -165,6 +174,9 @@ def markdown(res: dict) -> str:
                   f"**{'Within' if res['within_band'] else 'Outside'} the band.**"),
               f"val_bpb at step {res['steps']} ({v.get('weights', 'raw')} weights): reference {fmt(v['reference'])}, golf {fmt(v['golf'])}"
               + (f" (difference {v['diff']:+.4f}, band {BPB_BAND})" if "diff" in v else "")]
+    if a := res.get("val_bpb_averaged"):
+        lines.append(f"val_bpb at step {res['steps']} (averaged (EMA) weights): reference {fmt(a['reference'])}, "
+                     f"golf {fmt(a['golf'])}")
     w = res["throughput_windows"]
     lines += ["", "| tokens/s | before the loop (steps %d-%d) | in the loop (steps %d-%d) |" % (*w["before_loop"], *w["in_loop"]),
               "|---|---:|---:|"]
@@ -211,13 +223,18 @@ def main(argv=None) -> int:
     ap.add_argument("--ref", action="append", type=Path, required=True, help="a reference log (repeat per seed)")
     ap.add_argument("--golf", type=Path, required=True, help="golf's run folder from parity.sh")
     ap.add_argument("--golf-isolated", type=Path, help="golf with documents isolated (throughput only)")
+    ap.add_argument("--golf-postquant", type=Path,
+                    help="golf's POSTQUANT run of the --golf run's training: its EMA score, artifact and gap")
     ap.add_argument("--out", type=Path, required=True, help="path prefix: writes .md, .json, .png")
     args = ap.parse_args(argv)
     batch = BATCH[args.which]
     refs = [read_reference(p, batch) for p in args.ref]
     golf = read_golf(args.golf)
     isolated = read_golf(args.golf_isolated) if args.golf_isolated else None
-    res = compare(args.which, refs, golf, isolated)
+    postquant = read_golf(args.golf_postquant) if args.golf_postquant else None
+    if postquant and postquant["loss"] != golf["loss"]:
+        raise SystemExit(f"{args.golf_postquant} trained otherwise than {args.golf}: not the same run's training")
+    res = compare(args.which, refs, golf, isolated, postquant)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(markdown(res))

@@ -14,9 +14,10 @@
 # tree to /tmp/qrepo and runs the queue there (a later call's re-sent tree cannot change the files mid-run), then
 # polls. `poll` waits WAIT seconds, or until the queue is done, and copies into $OUT each finished phase's .tgz and
 # log not sent before, the queue's log and the running phase's last lines. Everything stays under /tmp/q too.
-# QUEUE_PHASE_CMD replaces `bash bench/parity_sitting.sh` for each item (the CPU test runs `env` there).
+# QUEUE_PHASE_CMD replaces `bash bench/parity_sitting.sh` for each item (the CPU test runs `env` there);
+# QUEUE_DIR and QUEUE_REPO move /tmp/q and /tmp/qrepo.
 set -u
-Q=/tmp/q; R=/tmp/qrepo; export OUT=${OUT:-/tmp/out}; mkdir -p "$Q" "$OUT"
+Q=${QUEUE_DIR:-/tmp/q}; R=${QUEUE_REPO:-/tmp/qrepo}; export OUT=${OUT:-/tmp/out}; mkdir -p "$Q" "$OUT"
 cmd=${1:?start|poll|run}
 
 run_queue() {  # the background process: one line of the queue at a time, in order; "A+B" runs A and B together

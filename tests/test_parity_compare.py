@@ -55,7 +55,7 @@ def golf_folder(path: Path, steps: int, offset: float, post: bool = True) -> Pat
 
 def test_post_quantization_figures_of_both_sides(parity_compare, tmp_path):
     ref = reference_log(tmp_path / "ref.log", 120)
-    golf = golf_folder(tmp_path / "golf", 120, offset=0.02)
+    golf = golf_folder(tmp_path / "golf_record_seed42_postquant", 120, offset=0.02)
     assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(golf),
                                 "--out", str(tmp_path / "out" / "pq")]) == 0
     res = json.loads((tmp_path / "out" / "pq.json").read_text())
@@ -115,3 +115,62 @@ def test_an_isolated_postquant_run_beside_a_reference_stopped_in_its_gptq(parity
     (dense / "train.json").write_text(json.dumps({"model_config": {"doc_isolation": False}}))
     assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(dense),
                                 "--out", str(tmp_path / "dense")]) == 1
+
+
+def test_a_raw_run_beside_its_postquant_twin_and_a_reference_that_quantized(parity_compare, tmp_path):
+    """This sitting's case: golf's dense-rows run twice over one training (raw weights + RTN, and the preset's EMA
+    + GPTQ, the store serving the second's train stage), the reference through its GPTQ. The raw scores are
+    compared (the reference's log has its raw line too), the EMA scores beside them, and the post-quant rows are
+    the reference's and golf's POSTQUANT run's, never the raw run's RTN gap."""
+    ref = reference_log(tmp_path / "ref.log", 120)
+    raw = golf_folder(tmp_path / "golf_record_seed42", 120, offset=0.02)
+    twin = golf_folder(tmp_path / "golf_record_seed42_postquant", 120, offset=0.02)
+    (twin / "eval.json").write_text(json.dumps({"pre_quant_val_bpb": 2.07, "val_bpb": 2.08}))
+    out = tmp_path / "both"
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(raw),
+                                "--golf-postquant", str(twin), "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["val_bpb"]["weights"] == "raw" and res["val_bpb"]["reference"] == pytest.approx(2.05)
+    assert res["val_bpb"]["diff"] == pytest.approx(0.011)
+    assert res["val_bpb_averaged"] == pytest.approx({"reference": 2.06, "golf": 2.07})
+    assert res["post_quant"]["golf"]["gap_bpb"] == pytest.approx(0.01)  # the twin's GPTQ gap, not the raw RTN's
+    assert set(res["post_quant"]) == {"reference 1", "golf"}
+    assert "(averaged (EMA) weights): reference 2.0600, golf 2.0700" in out.with_suffix(".md").read_text()
+    # without the twin, the raw run's RTN "gap" is not shown beside the reference's GPTQ
+    assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(raw),
+                                "--out", str(tmp_path / "raw")]) == 0
+    assert list(json.loads((tmp_path / "raw.json").read_text())["post_quant"]) == ["reference 1"]
+    # a twin that trained otherwise is not the same run's training
+    other = golf_folder(tmp_path / "golf_record_seed7_postquant", 120, offset=0.03)
+    with pytest.raises(SystemExit, match="trained otherwise"):
+        parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(raw),
+                             "--golf-postquant", str(other), "--out", str(tmp_path / "x")])
+
+
+def test_the_sitting_queue_runs_its_phases_in_order_in_the_background(tmp_path):
+    """bench/sitting_queue.sh on the CPU with `env` standing in for each phase: items in order, "A+B" together,
+    each item's variables exported ("~" a space), every finished phase's log sent once."""
+    import shutil
+    import subprocess
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(ROOT / "bench" / "sitting_queue.sh", repo / "bench")
+    env = {"PATH": "/usr/bin:/bin", "QUEUE_DIR": str(tmp_path / "q"), "QUEUE_REPO": str(tmp_path / "qrepo"),
+           "QUEUE_PHASE_CMD": "env", "STAGGER": "0", "OUT": str(tmp_path / "out1"), "WAIT": "30",
+           "QUEUE": "first:A=1 second:EXTRA=--set~x=y,B=2+third"}
+    run = lambda cmd, **more: subprocess.run(["bash", "bench/sitting_queue.sh", cmd], cwd=repo, env={**env, **more},  # noqa: E731
+                                            capture_output=True, text=True, timeout=60)
+    first = run("start")
+    assert first.returncode == 0, first.stderr
+    assert "queue done" in first.stdout
+    out = tmp_path / "out1"
+    assert sorted(p.name for p in out.iterdir()) == ["01a_first.log", "02a_second.log", "02b_third.log", "queue.log"]
+    assert {"PHASE=first", "A=1"} <= set((out / "01a_first.log").read_text().splitlines())
+    second = set((out / "02a_second.log").read_text().splitlines())
+    assert {"PHASE=second", "EXTRA=--set x=y", "B=2"} <= second and "A=1" not in second
+    log = (out / "queue.log").read_text()
+    assert log.index("start 01a_first") < log.index("end 01a_first") < log.index("start 02a_second")
+    # a second start on the same machine is refused; a poll sends nothing twice
+    assert run("start").returncode == 2
+    again = run("poll", OUT=str(tmp_path / "out2"), WAIT="1")
+    assert "sent" not in again.stdout and sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["queue.log"]
