@@ -49,6 +49,9 @@ if [ "$SIDE" = reference ]; then
   sed -e "s/WARMUP_STEPS=20 /WARMUP_STEPS=${REF_WARMUP_STEPS:-20} /" -e "s/timeout 575 /timeout ${REF_TIMEOUT:-575} /" \
     -e "s/FUSED_CE_ENABLED=1 /FUSED_CE_ENABLED=${REF_FUSED_CE:-1} /" \
     .ref/scripts/run_reference.sh > .ref/scripts/run_reference_w.sh
+  for want in "WARMUP_STEPS=${REF_WARMUP_STEPS:-20} " "timeout ${REF_TIMEOUT:-575} " "FUSED_CE_ENABLED=${REF_FUSED_CE:-1} "; do
+    grep -q "$want" .ref/scripts/run_reference_w.sh || { echo "parity.sh: run_reference.sh has no '$want' after the edit (has the script changed?)" >&2; exit 2; }
+  done
   setsid env PREQUANT_ONLY=$prequant TTT_ENABLED=0 TRAIN_LOG_EVERY=$every bash .ref/scripts/run_reference_w.sh "$WHICH" "$STEPS" "$SEED" \
     > "$P/reference_run.txt" 2>&1 &
   ref=$!  # its own process group: stopped as one, nothing else on the machine touched

@@ -178,8 +178,11 @@ def markdown(res: dict) -> str:
         lines.append(f"val_bpb at step {res['steps']} (averaged (EMA) weights): reference {fmt(a['reference'])}, "
                      f"golf {fmt(a['golf'])}")
     w = res["throughput_windows"]
-    lines += ["", "| tokens/s | before the loop (steps %d-%d) | in the loop (steps %d-%d) |" % (*w["before_loop"], *w["in_loop"]),
-              "|---|---:|---:|"]
+    if res.get("shared_gpu"):
+        lines += ["", "tokens/s: not shown, the runs shared the GPU."]
+    else:
+        lines += ["", "| tokens/s | before the loop (steps %d-%d) | in the loop (steps %d-%d) |" % (*w["before_loop"], *w["in_loop"]),
+                  "|---|---:|---:|"]
     for name, s in res["throughput"].items():
         cells = [f"{x / 1e3:,.0f}K" if x else "n/a" for x in (s["before_loop"], s["in_loop"])]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
@@ -225,6 +228,8 @@ def main(argv=None) -> int:
     ap.add_argument("--golf-isolated", type=Path, help="golf with documents isolated (throughput only)")
     ap.add_argument("--golf-postquant", type=Path,
                     help="golf's POSTQUANT run of the --golf run's training: its EMA score, artifact and gap")
+    ap.add_argument("--shared-gpu", action="store_true",
+                    help="the runs shared the GPU (bench/sitting_queue.sh's A+B): their tokens/s are left out")
     ap.add_argument("--out", type=Path, required=True, help="path prefix: writes .md, .json, .png")
     args = ap.parse_args(argv)
     batch = BATCH[args.which]
@@ -232,9 +237,15 @@ def main(argv=None) -> int:
     golf = read_golf(args.golf)
     isolated = read_golf(args.golf_isolated) if args.golf_isolated else None
     postquant = read_golf(args.golf_postquant) if args.golf_postquant else None
-    if postquant and postquant["loss"] != golf["loss"]:
-        raise SystemExit(f"{args.golf_postquant} trained otherwise than {args.golf}: not the same run's training")
+    if postquant:
+        if not postquant["averaged"] or golf["averaged"]:
+            raise SystemExit(f"--golf-postquant takes parity.sh's POSTQUANT folder (..._postquant) and --golf the "
+                             f"raw-weights one: got {args.golf_postquant.name} and {args.golf.name}")
+        if postquant["loss"] != golf["loss"]:
+            raise SystemExit(f"{args.golf_postquant} trained otherwise than {args.golf}: not the same run's training")
     res = compare(args.which, refs, golf, isolated, postquant)
+    if args.shared_gpu:
+        res["throughput"], res["shared_gpu"] = {}, True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(res, indent=2) + "\n")
     Path(f"{args.out}.md").write_text(markdown(res))

@@ -140,6 +140,19 @@ def test_a_raw_run_beside_its_postquant_twin_and_a_reference_that_quantized(pari
     assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(raw),
                                 "--out", str(tmp_path / "raw")]) == 0
     assert list(json.loads((tmp_path / "raw.json").read_text())["post_quant"]) == ["reference 1"]
+    # the two folders swapped: refused (the raw run's RTN gap would stand as golf's post-quantization row)
+    with pytest.raises(SystemExit, match="POSTQUANT folder"):
+        parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(twin),
+                             "--golf-postquant", str(raw), "--out", str(tmp_path / "x")])
+    # an isolated run's post-quant row only when it averaged; --shared-gpu leaves every tokens/s out
+    iso_raw = golf_folder(tmp_path / "golf_record_seed42_isolated", 120, offset=0.0)
+    iso_pq = golf_folder(tmp_path / "golf_record_seed42_postquant_isolated", 120, offset=0.0)
+    for iso, rows in ((iso_raw, {"reference 1", "golf"}), (iso_pq, {"reference 1", "golf", "golf_isolated"})):
+        assert parity_compare.main(["--which", "record", "--ref", str(ref), "--golf", str(raw), "--golf-postquant",
+                                    str(twin), "--golf-isolated", str(iso), "--shared-gpu", "--out", str(out)]) == 0
+        res = json.loads(out.with_suffix(".json").read_text())
+        assert set(res["post_quant"]) == rows and res["throughput"] == {}
+    assert "tokens/s: not shown" in out.with_suffix(".md").read_text()
     # a twin that trained otherwise is not the same run's training
     other = golf_folder(tmp_path / "golf_record_seed7_postquant", 120, offset=0.03)
     with pytest.raises(SystemExit, match="trained otherwise"):
@@ -148,29 +161,60 @@ def test_a_raw_run_beside_its_postquant_twin_and_a_reference_that_quantized(pari
 
 
 def test_the_sitting_queue_runs_its_phases_in_order_in_the_background(tmp_path):
-    """bench/sitting_queue.sh on the CPU with `env` standing in for each phase: items in order, "A+B" together,
-    each item's variables exported ("~" a space), every finished phase's log sent once."""
+    """bench/sitting_queue.sh on the CPU with a stand-in phase (it sleeps, prints its variables and its clock):
+    `start` returns while the phases still run, lines run in order, "A+B" together, each item's variables exported
+    ("~" a space), the finished phases sent once in one archive, a failed phase in the exit status."""
     import shutil
     import subprocess
+    import tarfile
     repo = tmp_path / "repo"
     (repo / "bench").mkdir(parents=True)
     shutil.copy(ROOT / "bench" / "sitting_queue.sh", repo / "bench")
+    phase = tmp_path / "phase.sh"
+    phase.write_text('echo "begin $(date +%s.%N)"; sleep "${NAP:-0}"; env | grep -E "^(PHASE|A|B|EXTRA)="\n'
+                     'echo "end $(date +%s.%N)"; exit "${FAIL:-0}"\n')
     env = {"PATH": "/usr/bin:/bin", "QUEUE_DIR": str(tmp_path / "q"), "QUEUE_REPO": str(tmp_path / "qrepo"),
-           "QUEUE_PHASE_CMD": "env", "STAGGER": "0", "OUT": str(tmp_path / "out1"), "WAIT": "30",
-           "QUEUE": "first:A=1 second:EXTRA=--set~x=y,B=2+third"}
+           "QUEUE_PHASE_CMD": f"bash {phase}", "STAGGER": "0", "OUT": str(tmp_path / "out1"), "WAIT": "0",
+           "QUEUE": "first:A=1,NAP=2 second:EXTRA=--set~x=y,B=2,NAP=1+third:FAIL=3"}
     run = lambda cmd, **more: subprocess.run(["bash", "bench/sitting_queue.sh", cmd], cwd=repo, env={**env, **more},  # noqa: E731
                                             capture_output=True, text=True, timeout=60)
     first = run("start")
     assert first.returncode == 0, first.stderr
-    assert "queue done" in first.stdout
-    out = tmp_path / "out1"
-    assert sorted(p.name for p in out.iterdir()) == ["01a_first.log", "02a_second.log", "02b_third.log", "queue.log"]
-    assert {"PHASE=first", "A=1"} <= set((out / "01a_first.log").read_text().splitlines())
-    second = set((out / "02a_second.log").read_text().splitlines())
-    assert {"PHASE=second", "EXTRA=--set x=y", "B=2"} <= second and "A=1" not in second
-    log = (out / "queue.log").read_text()
-    assert log.index("start 01a_first") < log.index("end 01a_first") < log.index("start 02a_second")
-    # a second start on the same machine is refused; a poll sends nothing twice
+    # returned while the first phase (2 s) still ran
+    assert "queue done" not in first.stdout and not (tmp_path / "q" / "all.done").exists()
+    done = run("poll", OUT=str(tmp_path / "out2"), WAIT="30")
+    assert "queue done" in done.stdout and done.returncode == 1  # the third phase exited 3
+    archives = list((tmp_path / "out2").glob("finished_*.tgz"))
+    assert len(archives) == 1
+    with tarfile.open(archives[0]) as tar:
+        logs = {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers()}
+    assert sorted(logs) == ["01a_first.log", "02a_second.log", "02b_third.log"]
+    assert {"PHASE=first", "A=1"} <= set(logs["01a_first.log"].splitlines())
+    second = logs["02a_second.log"].splitlines()
+    assert {"PHASE=second", "EXTRA=--set x=y", "B=2"} <= set(second) and "A=1" not in second
+    clock = {name: [float(line.split()[1]) for line in text.splitlines() if line.startswith(("begin", "end"))]
+             for name, text in logs.items()}
+    assert clock["01a_first.log"][1] <= min(clock["02a_second.log"][0], clock["02b_third.log"][0])  # in order
+    assert clock["02b_third.log"][0] < clock["02a_second.log"][1]  # A+B: the third began before the second ended
+    # nothing is sent twice; a second start, and an append after the end, are refused
+    again = run("poll", OUT=str(tmp_path / "out3"), WAIT="0")
+    assert "finished" not in again.stdout and not list((tmp_path / "out3").glob("finished_*"))
     assert run("start").returncode == 2
-    again = run("poll", OUT=str(tmp_path / "out2"), WAIT="1")
-    assert "sent" not in again.stdout and sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["queue.log"]
+    late = run("poll", OUT=str(tmp_path / "out4"), APPEND="fourth")
+    assert late.returncode == 2 and "APPEND not run" in late.stderr
+
+
+def test_the_sitting_queue_refuses_two_runs_at_once_that_would_collide(tmp_path):
+    """parity.sh copies the newest run folder out of a golf store and run_reference.sh keeps fixed paths: two runs
+    at once in one store, one wheel folder, or two references, are refused before anything starts."""
+    import subprocess
+    env = {"PATH": "/usr/bin:/bin", "QUEUE_DIR": str(tmp_path / "q"), "QUEUE_REPO": str(tmp_path / "r"),
+           "OUT": str(tmp_path / "o"), "QUEUE_PHASE_CMD": "true", "WAIT": "0"}
+    for queue, says in [("golf_dense:STEPS=9+golf_dense:SITE=/tmp/b", "one store"),
+                        ("golf:GOLF_STORE=/a,SITE=/s+golf_dense:GOLF_STORE=/b,SITE=/s", "one SITE"),
+                        ("reference:STEPS=9+golf_dense:GOLF_STORE=/b", "needs SITE="),
+                        ("setup reference:SEED=1+reference:SEED=2", "two reference runs")]:
+        res = subprocess.run(["bash", str(ROOT / "bench" / "sitting_queue.sh"), "start"], cwd=tmp_path,
+                             env={**env, "QUEUE": queue}, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and says in res.stderr, (queue, res.stderr)
+        assert not (tmp_path / "q" / "items").exists()  # nothing started
