@@ -1,7 +1,7 @@
 """On the CPU, golf's record model and optimizer step against the 1.0611 record script's own, same weights, same batches.
 
     (the reference scripts and the FineWeb sample from .ref/, bench/parity_carry.sh, or from ../shared)
-    python bench/parity_cpu.py [--steps 30] [--emb-bf16] > bench/results/parity/cpu_crosscheck.txt
+    python bench/parity_cpu.py [--steps 30] [--emb-bf16] [--golf-muon-bf16] > bench/results/parity/cpu_crosscheck.txt
 
 The reference script is imported as a measuring instrument (its Triton kernels are never called: triton is stubbed
 and torch.compile is the identity; its fused MLP and fused loss are off). golf's randomly perturbed weights are copied
@@ -110,6 +110,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-loss", action="store_true", help="golf trains through its fused softcap loss, as on a GPU")
     ap.add_argument("--bf16", action="store_true", help="both under bf16 autocast with a bf16 residual stream, as on a "
                                                        "GPU (golf casts its embedding output; the reference's is bf16)")
+    ap.add_argument("--golf-muon-bf16", action="store_true",
+                    help="golf's Muon with the script's precision: its gradient and momentum rounded to bf16 and the "
+                         "script's own bf16 Newton-Schulz (on the CPU golf's runs in fp32; on a GPU both run bf16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     dim, heads, kv, vocab = args.dim, 8, 4, 1024
@@ -150,6 +153,11 @@ def main(argv=None) -> int:
         golf.loss_fn = fused_softcap_cross_entropy
     g_opts = build_optimizers(t, golf, torch.device("cpu"))
     r_opts, r_muon = reference_optimizers(ref, r, t)
+    if args.golf_muon_bf16:  # the script's Newton-Schulz (Polar Express, bf16) in golf's Muon too
+        ns = mock.patch("gpt.optim.newton_schulz", lambda g, steps, schedule, eps=1e-7:
+                        ref.zeropower_via_newtonschulz5(g, steps=steps).to(g.dtype))
+        ns.start()
+    bf16_round = lambda x: x.copy_(x.bfloat16().float())  # noqa: E731  (values of bf16, dtype kept)
     tokens = np.fromfile(SAMPLE, dtype=np.uint16)[512:].astype(np.int64)
     B, T = 8, 256
     print(f"training {args.steps} steps, batch {B}x{T}, loop from step {args.steps // 2}; constant LR; clip {t.grad_clip}")
@@ -168,8 +176,15 @@ def main(argv=None) -> int:
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), t.grad_clip)
             for group in muon.param_groups:
                 group["momentum"] = momentum
+            golf_bf16 = args.golf_muon_bf16 and model is golf
+            if golf_bf16:  # the script casts each matrix's gradient to bf16 before its momentum
+                for p in (p for group in muon.param_groups for p in group["params"] if p.grad is not None):
+                    bf16_round(p.grad)
             for opt in opts:
                 opt.step()
+            if golf_bf16:  # and keeps the momentum in bf16
+                for state in muon.state.values():
+                    bf16_round(state["momentum_buffer"])
             model.zero_grad(set_to_none=True)
             losses.append(loss.item())
         diffs.append(losses[0] - losses[1])

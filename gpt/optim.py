@@ -68,7 +68,7 @@ def orthogonalise(g: Tensor, steps: int, schedule: str) -> Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon. ``row_norm`` (MuonEq-R, as we read it) equalises the rows of the momentum update to unit RMS
+    """Muon. ``row_norm`` (MuonEq-R, as we read it) equalises the rows of the momentum update to unit norm
     before orthogonalising, so no output channel dominates the polar factor; ``weight_decay`` is decoupled
     (p <- p * (1 - lr * wd)).
 
@@ -132,7 +132,11 @@ class Muon(torch.optim.Optimizer):
         buf.mul_(group["momentum"]).add_(g)
         update = g.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
         if group["row_norm"]:
-            update = update / (update.float().pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-7).to(update.dtype)
+            # each row to unit L2 norm, floored at 1e-7 as the record does (the scale itself Newton-Schulz removes).
+            # A floor added to the rows' RMS instead sits sqrt(cols) times higher: early on, behind the
+            # zero-initialised projections, whole matrices have rows that small, and it held them down instead
+            # of equalising them (the CPU cross-check's step-2 difference from the record script, all of it)
+            update = update / update.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(update.dtype)
         update = orthogonalise(update, group["ns_steps"], group["schedule"])
         update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
         if group["weight_decay"]:

@@ -159,6 +159,24 @@ def test_muon_variants_train_a_small_model():
         assert losses[-1] < losses[0] - 0.1, (kw, losses)
 
 
+def test_muon_row_norm_equalises_rows_of_tiny_gradients_too():
+    """MuonEq-R floors each row's L2 norm at 1e-7, as the record script does: a gradient whose rows have an RMS
+    under that floor (but norms over it), as behind the zero-initialised projections early in training, gets the
+    same update as the same gradient at any scale (Newton-Schulz removes the scale). A floor on the RMS held such
+    rows down instead: the update differed from the script's at the first step."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(64, 512, generator=gen) * torch.linspace(1, 10, 64)[:, None]  # rows of unequal norms
+    updates = []
+    for scale in (1.0, 6e-9):  # at 6e-9 the rows' RMS is 6e-9 to 6e-8, their norms 1.4e-7 to 1.4e-6
+        p = torch.nn.Parameter(torch.zeros(64, 512))
+        p.grad = g * scale
+        Muon([p], lr=0.02, schedule="polar_express", row_norm=True).step()
+        updates.append(p.detach().clone())
+    tiny = g * 6e-9
+    assert (tiny.norm(dim=1) > 1e-7).all() and (tiny.pow(2).mean(dim=1).sqrt() < 1e-7).all()  # the case meant
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("softcap", [30.0, 0.0])
 def test_fused_loss_matches_the_plain_loss_and_gradients(softcap):
     from gpt.losses import fused_softcap_cross_entropy
