@@ -102,6 +102,40 @@ def reference_optimizers(ref, r, t) -> tuple[list, object]:
     return [tok, muon, sc], muon
 
 
+def check_init(ref, cfg) -> int:
+    """Both models as each builds itself at seed 42, matrix against matrix: equal means the same draw."""
+    torch.manual_seed(42)
+    r = ref.GPT(ref.Hyperparameters())
+    ref.restore_fp32_params(r.bfloat16())  # as its train_model builds it for the GPU: bf16, then fp32 but the embedding
+    torch.manual_seed(42)
+    golf = GPT(cfg)
+    n = cfg.num_layers
+    pairs = [("embedding", golf.embed.weight, r.tok_emb.weight), ("smear gate", golf.smear.gate.weight, r.smear_gate.weight),
+             ("smear lambda", golf.smear.lam, r.smear_lambda), ("skip weights", golf.skip_weights, r.skip_weights),
+             ("skip gates", golf.skip_gates, r.skip_gates)]
+    for i, b in enumerate(golf.blocks):
+        rb = r.blocks[i]
+        pairs += [(f"layer {i} Q", b.attn.q.weight, r.qo_bank[i]), (f"layer {i} O", b.attn.out.weight, r.qo_bank[n + i]),
+                  (f"layer {i} K", b.attn.k.weight, r.kv_bank[i]), (f"layer {i} V", b.attn.v.weight, r.kv_bank[n + i]),
+                  (f"layer {i} MLP up", b.mlp.fc.weight, r.mlp_up_bank[i]),
+                  (f"layer {i} MLP down", b.mlp.proj.weight, r.mlp_down_bank[i]),
+                  (f"layer {i} attention gate", b.attn.gate_w, rb.attn.attn_gate_w),
+                  (f"layer {i} q gain", b.attn.q_gain, rb.attn.q_gain), (f"layer {i} attn scale", b.attn_scale, rb.attn_scale),
+                  (f"layer {i} mlp scale", b.mlp_scale, rb.mlp_scale), (f"layer {i} resid mix", b.resid_mix, rb.resid_mix)]
+        if b.two_lanes:
+            pairs += [(f"layer {i} lane residuals", b.lane_resid, r.parallel_resid_lambdas[i]),
+                      (f"layer {i} lane outputs", b.lane_post, r.parallel_post_lambdas[i])]
+    drawn = sum(1 for _, mine, _ in pairs if mine.detach().unique().numel() > 2)  # not a fill of constants
+    worst = 0.0
+    for name, mine, theirs in pairs:
+        diff = (mine.detach().float() - theirs.detach().float()).abs().max().item()
+        worst = max(worst, diff)
+        if diff:
+            print(f"init: {name} differs by {diff:.3g} (std {mine.std().item():.3g} against {theirs.std().item():.3g})")
+    print(f"init at seed 42: max |golf - reference| {worst:.3g} over {len(pairs)} tensors ({drawn} of them random draws)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -110,6 +144,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fused-loss", action="store_true", help="golf trains through its fused softcap loss, as on a GPU")
     ap.add_argument("--bf16", action="store_true", help="both under bf16 autocast with a bf16 residual stream, as on a "
                                                        "GPU (golf casts its embedding output; the reference's is bf16)")
+    ap.add_argument("--schedule", action="store_true",
+                    help="the record's step-based schedule over --steps (LR flat to 15%%, then down to 10%% of it, "
+                         "warmdown_frac 0.85) and its loop from 35%%, instead of a constant LR and the loop from half-way")
+    ap.add_argument("--check-init", action="store_true",
+                    help="only compare the initial weights both draw at seed 42 (each its own draw, nothing copied)")
     ap.add_argument("--golf-muon-bf16", action="store_true",
                     help="golf's Muon with the script's precision: its gradient and momentum rounded to bf16 and the "
                          "script's own bf16 Newton-Schulz (on the CPU golf's runs in fp32; on a GPU both run bf16)")
@@ -121,6 +160,9 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(rec.model, vocab_size=vocab, model_dim=dim, num_heads=heads, num_kv_heads=kv,
                               doc_isolation=False)
     t = dataclasses.replace(rec, model=cfg)
+
+    if args.check_init:
+        return check_init(ref, cfg)
 
     # (1) the forward: perturbed weights (every path live), copied across, logits compared
     torch.manual_seed(0)
@@ -160,7 +202,19 @@ def main(argv=None) -> int:
     bf16_round = lambda x: x.copy_(x.bfloat16().float())  # noqa: E731  (values of bf16, dtype kept)
     tokens = np.fromfile(SAMPLE, dtype=np.uint16)[512:].astype(np.int64)
     B, T = 8, 256
-    print(f"training {args.steps} steps, batch {B}x{T}, loop from step {args.steps // 2}; constant LR; clip {t.grad_clip}")
+    loop_from = int(np.ceil(t.recur_from_frac * args.steps)) if args.schedule else args.steps // 2
+
+    def lr_mult(step: int) -> float:  # the record script's lr_mul(step / iterations), step counted from 0
+        frac = step / args.steps
+        if not args.schedule or frac < 1.0 - t.warmdown_frac:
+            return 1.0
+        return max((1.0 - frac) / t.warmdown_frac, t.min_lr_frac)
+
+    for opt in (*g_opts, *r_opts):
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+    print(f"training {args.steps} steps, batch {B}x{T}, loop from step {loop_from}; "
+          f"{'the record schedule' if args.schedule else 'constant LR'}; clip {t.grad_clip}")
     diffs = []
     for step in range(args.steps):
         chunk = torch.from_numpy(tokens[step * B * T: (step + 1) * B * T + 1])
@@ -169,7 +223,10 @@ def main(argv=None) -> int:
         momentum = (1 - frac) * t.muon_momentum_warmup_start + frac * t.muon_momentum
         losses = []
         for model, opts, muon in ((golf, g_opts, g_opts[0]), (r, r_opts, r_muon)):
-            golf.recurrence_active = r.looping_active = step >= args.steps // 2
+            golf.recurrence_active = r.looping_active = step >= loop_from
+            for opt in opts:
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * lr_mult(step)
             with precision():
                 loss = model(x, y)
             loss.backward()

@@ -77,6 +77,7 @@ def record() -> PipelineConfig:
     model = ModelConfig(vocab_size=0, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
                         mlp_activation="leaky_relu2", rope_dims=16, qk_gain_init=5.0, xsa=True, ln_scale=True,
                         smear_gate=True, attn_gate_dims=12, attn_gate_scale=0.5, orthogonal_init=True,
+                        init_order="record",  # the script's weights at the same seed, draw for draw
                         recur_start=3, recur_end=5, recur_passes=3, recur_resplit=True, skip_gates=True,
                         parallel_from=8, parallel_lanes=2, parallel_resid_init=1.1, doc_isolation=True)
     return PipelineConfig(

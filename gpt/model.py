@@ -68,6 +68,12 @@ class ModelConfig:
     # the attention's and the MLP's output projections start orthogonal times 1/sqrt(2 * num_layers) instead of zero,
     # so each block adds a small, full-rank update from step 0
     mup_out_init: bool = False  # muP output scaling of the output projections' init (PR #281's lineage)
+    # the order of the initial draws, which decides the weights a seed gives (same statistics either way):
+    # "official": every Linear draws its default init as it is built, the embedding's N(0, std) last (the official
+    # baseline, draw for draw); "record": the 1.0611 record script's, whose matrices live in banks that draw nothing
+    # when built: the embedding, then each layer's Q, K, V, then every layer's MLP input, all orthogonal, every
+    # starting value then rounded to bf16 as the script's GPU build does (needs orthogonal_init, zero output projections)
+    init_order: str = "official"
     bigram_buckets: int = 0     # hashed (previous, current) token-pair embedding table size (0 = off)
     bigram_dim: int = 128       # width of that table, projected to model_dim
     doc_isolation: bool = False  # attention never crosses a BOS token (document start)
@@ -103,6 +109,11 @@ class ModelConfig:
             raise ValueError(f"rope_dims {self.rope_dims} must be even and at most the head dim {head_dim}")
         if type(self.mup_out_init) is not bool:
             raise ValueError(f"mup_out_init must be true or false, not {self.mup_out_init!r}")
+        if self.init_order not in ("official", "record"):
+            raise ValueError(f"init_order must be official or record, not {self.init_order!r}")
+        if self.init_order == "record" and (not self.orthogonal_init or self.mup_out_init or self.bigram_buckets):
+            raise ValueError("init_order=record draws the record script's model: it needs orthogonal_init=true, "
+                             "mup_out_init=false and no bigram table")
         if self.mlp_activation not in ("relu2", "leaky_relu2"):
             raise ValueError(f"mlp_activation must be relu2 or leaky_relu2, not {self.mlp_activation!r}")
         if (self.recur_start < 0) != (self.recur_end < 0) or self.recur_end >= self.num_layers \
@@ -122,9 +133,17 @@ def rms_norm(x: Tensor) -> Tensor:
 class Linear(nn.Linear):
     """A bias-free linear layer whose fp32 weights are cast to the activations' dtype at use."""
 
-    def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False):
+    def __init__(self, fan_in: int, fan_out: int, zero_init: bool = False, draw: bool = True):
+        # draw=False: no default init drawn (zeros until init_weights draws it), as the record script's banks
+        object.__setattr__(self, "_draw", draw)
         super().__init__(fan_in, fan_out, bias=False)
         if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def reset_parameters(self) -> None:
+        if self._draw:
+            super().reset_parameters()
+        else:
             nn.init.zeros_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -340,10 +359,11 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.kv = cfg.num_heads, cfg.num_kv_heads
         self.d = cfg.model_dim // cfg.num_heads
-        self.q = Linear(cfg.model_dim, self.h * self.d)
-        self.k = Linear(cfg.model_dim, self.kv * self.d)
-        self.v = Linear(cfg.model_dim, self.kv * self.d)
-        self.out = Linear(self.h * self.d, cfg.model_dim, zero_init=True)
+        draw = cfg.init_order == "official"
+        self.q = Linear(cfg.model_dim, self.h * self.d, draw=draw)
+        self.k = Linear(cfg.model_dim, self.kv * self.d, draw=draw)
+        self.v = Linear(cfg.model_dim, self.kv * self.d, draw=draw)
+        self.out = Linear(self.h * self.d, cfg.model_dim, zero_init=True, draw=draw)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.rotary = Rotary(self.d, cfg.rope_dims, cfg.rope_base, cfg.rope_ntk_len)
         self.xsa = cfg.xsa
@@ -395,8 +415,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = Linear(cfg.model_dim, hidden)
-        self.proj = Linear(hidden, cfg.model_dim, zero_init=True)
+        draw = cfg.init_order == "official"
+        self.fc = Linear(cfg.model_dim, hidden, draw=draw)
+        self.proj = Linear(hidden, cfg.model_dim, zero_init=True, draw=draw)
         self.leaky = cfg.mlp_activation == "leaky_relu2"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -519,7 +540,18 @@ class GPT(nn.Module):
         (correlation 0.001: golf was in effect another seed; BENCHMARKS.md, "What the step-20 gap is")."""
         cfg = self.cfg
         nn.init.normal_(self.embed.weight, std=cfg.tied_embed_init_std)
-        if cfg.orthogonal_init:
+        if cfg.init_order == "record":  # the record's banks: Q, K, V layer by layer, then the MLP inputs
+            for block in self.blocks:
+                for linear in (block.attn.q, block.attn.k, block.attn.v):
+                    nn.init.orthogonal_(linear.weight, gain=1.0)
+            for block in self.blocks:
+                nn.init.orthogonal_(block.mlp.fc.weight, gain=1.0)
+            # the script builds its model in bf16 and returns the matrices and scalars to fp32 after: every starting
+            # value is a bf16 one (the lanes' 1.1 starts at 1.1015625)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(p.to(torch.bfloat16).to(p.dtype))
+        elif cfg.orthogonal_init:
             for block in self.blocks:
                 for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.fc):
                     nn.init.orthogonal_(linear.weight, gain=1.0)

@@ -73,14 +73,15 @@ def test_orthogonal_init_and_zero_outputs():
     model = GPT(dataclasses.replace(RECORD.train.model, vocab_size=8192))
     eye = lambda n: torch.eye(n)  # noqa: E731
     for block in model.blocks[:2]:
-        for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight):  # rows orthonormal
-            assert torch.allclose(w @ w.T, eye(w.shape[0]), atol=1e-4)
+        # rows orthonormal, up to the bf16 rounding of every starting value (the script's GPU build)
+        for w in (block.attn.q.weight, block.attn.k.weight, block.attn.v.weight):
+            assert torch.allclose(w @ w.T, eye(w.shape[0]), atol=5e-3)
         fc = block.mlp.fc.weight  # 2048 x 512: columns orthonormal
-        assert torch.allclose(fc.T @ fc, eye(fc.shape[1]), atol=1e-4)
+        assert torch.allclose(fc.T @ fc, eye(fc.shape[1]), atol=5e-3)
         assert block.attn.out.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
         assert block.attn.gate_w.abs().max() == 0
     assert abs(model.embed.weight.std().item() - 0.005) < 2e-4
-    assert torch.allclose(model.blocks[9].lane_resid, torch.full((2,), 1.1))
+    assert torch.equal(model.blocks[9].lane_resid, torch.full((2,), 1.1).bfloat16().float())  # 1.1015625
 
 
 def test_attention_gate_is_a_per_head_sigmoid_of_the_first_dims():
@@ -270,3 +271,60 @@ def test_the_warm_up_leaves_muon_momentum_primed_and_nothing_else(tmp_path, prim
     assert isinstance(muon, Muon) and all(not o.state for o in adams)
     bufs = [muon.state[p]["momentum_buffer"] for g in muon.param_groups for p in g["params"]]
     assert len(bufs) == sum(len(g["params"]) for g in muon.param_groups) and all(b.abs().sum() > 0 for b in bufs)
+
+
+def test_the_record_draws_the_scripts_initial_weights_at_the_same_seed():
+    """bench/parity_cpu.py --check-init: each side builds its own model at seed 42, nothing copied across; every
+    matrix must be the same draw. golf's blocks used to draw their Linears' default init as they were built, which
+    the script's banks never do, so golf at seed 42 was in effect another seed of the script (0.66 apart)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    scripts = [root / ".ref" / "scripts", root.parent / "shared" / "reference" / "scripts"]
+    if not any((p / "record_1.0611_train_gpt.py").exists() for p in scripts):
+        pytest.skip("the record script is in neither .ref/ nor ../shared")
+    out = subprocess.run([sys.executable, str(root / "bench" / "parity_cpu.py"), "--check-init"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = re.search(r"max \|golf - reference\| (\S+) over (\d+) tensors \((\d+) of them random draws\)", out.stdout)
+    n = RECORD.train.model.num_layers
+    # the embedding and per layer Q, K, V and the MLP input are draws; the rest (zeros, ones, 1.1) are constants
+    assert found and int(found[2]) >= 5 + 11 * n and int(found[3]) == 1 + 4 * n, out.stdout
+    assert float(found[1]) == 0.0, out.stdout
+
+
+def test_record_init_order_draws_no_default_init_and_needs_orthogonal_matrices():
+    from gpt.model import Linear
+    state = torch.random.get_rng_state()
+    layer = Linear(32, 48, draw=False)
+    assert torch.equal(torch.random.get_rng_state(), state) and not layer.weight.any()
+    Linear(32, 48)  # the default init draws
+    assert not torch.equal(torch.random.get_rng_state(), state)
+    assert RECORD.train.model.init_order == "record" and preset("baseline").train.model.init_order == "official"
+    torch.manual_seed(3)
+    model = GPT(small_record())
+    for block in model.blocks:  # drawn by init_weights, orthogonal up to bf16 rounding; the outputs zero
+        for w in (block.attn.q.weight, block.mlp.fc.weight):
+            torch.testing.assert_close(w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w,
+                                       torch.eye(min(w.shape)), atol=5e-3, rtol=0)
+        assert not block.attn.out.weight.any() and not block.mlp.proj.weight.any()
+    for p in model.parameters():  # every starting value a bf16 one, as the script's GPU build leaves them
+        assert torch.equal(p, p.bfloat16().float())
+    # the order of the draws: the embedding, each layer's Q, K, V, then every layer's MLP input
+    torch.manual_seed(3)
+    torch.nn.Embedding(*model.embed.weight.shape)  # the embedding's default draw, as at build
+    torch.nn.Linear(model.smear.gate_dims, 1, bias=False)  # the smear gate's default draw
+    expect = [torch.nn.init.normal_(torch.empty_like(model.embed.weight), std=model.cfg.tied_embed_init_std)]
+    for block in model.blocks:
+        expect += [torch.nn.init.orthogonal_(torch.empty_like(w)) for w in (block.attn.q.weight, block.attn.k.weight,
+                                                                             block.attn.v.weight)]
+    expect += [torch.nn.init.orthogonal_(torch.empty_like(block.mlp.fc.weight)) for block in model.blocks]
+    got = [model.embed.weight] + [w for b in model.blocks for w in (b.attn.q.weight, b.attn.k.weight, b.attn.v.weight)]
+    got += [b.mlp.fc.weight for b in model.blocks]
+    for mine, want in zip(got, expect, strict=True):
+        assert torch.equal(mine.detach(), want.bfloat16().float())
+    for bad in (dict(orthogonal_init=False), dict(mup_out_init=True), dict(bigram_buckets=64), dict(init_order="banks")):
+        with pytest.raises(ValueError, match="init_order"):
+            small_record(**bad)
