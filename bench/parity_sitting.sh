@@ -67,7 +67,8 @@ golf_dense)
   WHICH=record SIDE=golf STEPS=${STEPS:-120} TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
 reference)
   keep .whl; keep .ref
-  WHICH=record SIDE=reference STEPS=${STEPS:-120} POSTQUANT=1 TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
+  # POSTQUANT=0 stops at the raw score, which STOP_AFTER needs (parity.sh refuses it with POSTQUANT=1)
+  WHICH=record SIDE=reference STEPS=${STEPS:-120} POSTQUANT=${POSTQUANT:-1} TAG=${TAG:-} bash bench/parity.sh || rc=$? ;;
 kernels)
   keep .whl; keep .ref
   source bench/gpu_setup.sh; mkdir -p "$OUT/kernels"
